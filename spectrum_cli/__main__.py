@@ -1,0 +1,5 @@
+"""Run the command line as ``python -m spectrum_cli``."""
+
+from spectrum_cli.cli import main
+
+main()

@@ -1,0 +1,32 @@
+"""The errors spectrum raises on purpose.
+
+Each message says what failed and where (path, run, step, layer), what was expected and what
+was found, and one way to fix it. Only the command line catches them: it prints one red line
+on stderr and exits with the error's exit code, without a traceback unless ``--verbose``.
+"""
+
+from __future__ import annotations
+
+
+class SpectrumError(Exception):
+    """Base of every error spectrum raises for bad input or a failed step."""
+
+    exit_code = 1
+
+
+class UsageError(SpectrumError):
+    """A flag, argument or path the user gave cannot be used as given."""
+
+    exit_code = 2
+
+
+class CheckpointError(SpectrumError):
+    """A checkpoint cannot be read, or holds no weights."""
+
+
+class StoreError(SpectrumError):
+    """A spectra store is missing, of another format, locked, or inconsistent."""
+
+
+class EvaluationError(SpectrumError):
+    """A model or data callable cannot be loaded or does not fit the checkpoint."""
