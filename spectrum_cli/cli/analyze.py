@@ -1,0 +1,162 @@
+"""``spectrum analyze`` and ``spectrum ls``: build a store from checkpoints, list what it holds."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import typer
+
+from spectrum_cli.cli.output import Format, console, err_console, print_json, show_progress
+
+
+def analyze(
+    checkpoints: Path = typer.Argument(
+        ..., help="A run folder, a folder of runs, or one checkpoint file."
+    ),
+    store: Path = typer.Option(Path("spectrum.zarr"), "--store", "-s", help="Zarr store to write."),
+    top_k: int = typer.Option(32, "--top-k", min=1, help="Singular vectors kept per matrix."),
+    workers: int = typer.Option(
+        None, "--workers", min=1, help="Local worker processes (default: one per core)."
+    ),
+    scheduler: str = typer.Option(
+        None, "--scheduler", help="Address of a running Dask scheduler, e.g. tcp://host:8786."
+    ),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    output: Format = typer.Option(Format.table, "--format", help="table or json summary."),
+) -> None:
+    """Decompose every weight matrix of every checkpoint and store the spectra.
+
+    Incremental: checkpoints already in the store are skipped, so re-running after new
+    checkpoints appear decomposes only those. Exit 0 when all is stored, 1 when some
+    checkpoints or matrices failed (the rest are stored), 2 on bad usage.
+    """
+    from spectrum_cli.analysis import analyze as run_analysis
+    from spectrum_cli.errors import UsageError
+
+    if device not in ("auto", "cpu") and not device.startswith("cuda"):
+        raise UsageError(f"--device must be auto, cpu or cuda, got {device!r}")
+    if not checkpoints.exists():
+        raise UsageError(f"{checkpoints} does not exist; pass a folder of checkpoints or a file")
+
+    progress = _progress()
+    task = None
+
+    def found(count: int) -> None:
+        nonlocal task
+        if progress is not None:
+            progress.start()
+            task = progress.add_task("decomposing", total=count)
+
+    def done(_checkpoint: object) -> None:
+        if progress is not None and task is not None:
+            progress.advance(task)
+
+    try:
+        summary = run_analysis(
+            checkpoints,
+            store,
+            top_k=top_k,
+            workers=workers,
+            scheduler=scheduler,
+            device=device,
+            on_found=found,
+            on_done=done,
+        )
+    finally:
+        if progress is not None:
+            progress.stop()
+
+    for note in summary.notes:
+        err_console.print(f"note: {note}", markup=False)
+    for line in summary.failed_checkpoints + summary.failed_matrices:
+        err_console.print(f"[red]failed:[/red] {_escape(line)}")
+    if output is Format.json:
+        print_json({**asdict(summary), "ok": summary.ok})
+    else:
+        console.print(
+            f"{summary.runs} runs, {summary.checkpoints} checkpoints "
+            f"({summary.analysed} analysed now, {summary.already_stored} already stored, "
+            f"{len(summary.failed_checkpoints)} failed), {summary.matrices} matrices decomposed "
+            f"({len(summary.failed_matrices)} failed) in {summary.seconds:.1f} s -> {summary.store}",
+            markup=False,
+        )
+    if not summary.ok:
+        raise typer.Exit(1)
+
+
+def ls(
+    store: Path = typer.Argument(Path("spectrum.zarr"), help="The spectra store."),
+    output: Format = typer.Option(Format.table, "--format", help="table or json."),
+) -> None:
+    """List the runs, steps and layers of a store, with shapes and status."""
+    from rich.table import Table
+
+    from spectrum_cli.store import DONE, FAILED, Store
+
+    opened = Store.open(store)
+    rows = []
+    for run in opened.runs():
+        steps = opened.done_steps(run)
+        for layer in opened.layers(run):
+            attrs = opened.layer_attrs(run, layer)
+            _, status = opened.status(run, layer)
+            rows.append(
+                {
+                    "run": run,
+                    "layer": layer,
+                    "matrix_shape": attrs["matrix_shape"],
+                    "tensor_shape": attrs["tensor_shape"],
+                    "dtype": attrs["dtype"],
+                    "steps": steps,
+                    "done": int((status == DONE).sum()),
+                    "failed": int((status == FAILED).sum()),
+                    "failures": attrs.get("failures", {}),
+                }
+            )
+    if output is Format.json:
+        print_json({"store": str(store), "top_k": opened.top_k, "layers": rows})
+        return
+    table = Table(title=f"{store} (top {opened.top_k} vectors)")
+    for column in ("run", "layer", "matrix", "dtype", "steps", "done", "failed"):
+        table.add_column(column)
+    for row in rows:
+        steps = row["steps"]
+        span = f"{steps[0]}..{steps[-1]} ({len(steps)})" if steps else "none"
+        table.add_row(
+            row["run"],
+            row["layer"],
+            "x".join(map(str, row["matrix_shape"])),
+            row["dtype"],
+            span,
+            str(row["done"]),
+            str(row["failed"]),
+        )
+    console.print(table)
+
+
+def _progress():
+    if not show_progress():
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    return Progress(
+        "{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+    )
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+def register(app: typer.Typer) -> None:
+    """Add this module's commands to the app."""
+    app.command()(analyze)
+    app.command()(ls)

@@ -1,0 +1,51 @@
+"""Where the command line writes: results on stdout, everything else on stderr."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from enum import Enum
+from typing import Any
+
+from rich.console import Console
+
+console = Console(highlight=False, soft_wrap=True)
+err_console = Console(stderr=True, highlight=False)
+
+
+class Format(str, Enum):
+    """How a command renders its result rows."""
+
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+def print_json(value: Any) -> None:
+    """Write JSON to stdout, plain (no colour, no wrapping), one document."""
+    sys.stdout.write(json.dumps(value, indent=2, default=_plain) + "\n")
+
+
+def print_csv(rows: list[dict[str, Any]]) -> None:
+    """Write rows as CSV to stdout, the header from the first row's keys."""
+    if not rows:
+        return
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    sys.stdout.write(buffer.getvalue())
+
+
+def show_progress() -> bool:
+    """Progress bars only when stderr is a terminal and the user did not ask for quiet."""
+    return err_console.is_terminal and not err_console.quiet
+
+
+def _plain(value: Any) -> Any:
+    """JSON for numpy scalars and arrays."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")

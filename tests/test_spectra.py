@@ -1,0 +1,127 @@
+"""The decomposition engine against float64 references on matrices with known spectra."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from spectrum_cli.spectra import DecompositionError, decompose, decompose_batch
+
+
+def known_spectrum(m: int, n: int, sigma: np.ndarray, seed: int) -> tuple[torch.Tensor, ...]:
+    """A float32 matrix U diag(σ) Vᵀ with random orthonormal U (m, r) and V (n, r)."""
+    gen = torch.Generator().manual_seed(seed)
+    r = len(sigma)
+    u, _ = torch.linalg.qr(torch.randn(m, r, generator=gen, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, r, generator=gen, dtype=torch.float64))
+    w = (u * torch.from_numpy(sigma)) @ v.T
+    return w.to(torch.float32), u, v
+
+
+@pytest.mark.parametrize("shape", [(300, 120), (120, 300), (256, 256), (1, 40), (40, 1)])
+def test_singular_values_match_float64_reference(shape):
+    m, n = shape
+    r = min(m, n)
+    sigma = np.logspace(0, -4, r)  # decaying, 1 to 1e-4
+    w, _, _ = known_spectrum(m, n, sigma, seed=m * 7 + n)
+    reference = torch.linalg.svdvals(w.to(torch.float64)).numpy()
+
+    spectrum = decompose(w, top_k=32)
+
+    assert spectrum.sigma.dtype == np.float32
+    assert spectrum.sigma.shape == (r,)
+    resolved = reference >= 1e-3 * reference[0]
+    rel = np.abs(spectrum.sigma[resolved] - reference[resolved]) / reference[resolved]
+    assert rel.max() < 1e-5
+
+
+def test_top_vectors_match_where_separated():
+    m, n, k = 200, 150, 16
+    sigma = np.concatenate([10.0 * 0.8 ** np.arange(k), np.full(150 - k, 0.01)])
+    w, u_true, v_true = known_spectrum(m, n, sigma, seed=3)
+
+    spectrum = decompose(w, top_k=k)
+
+    assert spectrum.u.shape == (m, k) and spectrum.v.shape == (n, k)
+    cos_u = np.abs(np.sum(spectrum.u * u_true[:, :k].numpy(), axis=0))
+    cos_v = np.abs(np.sum(spectrum.v * v_true[:, :k].numpy(), axis=0))
+    assert cos_u.min() >= 0.999 and cos_v.min() >= 0.999
+
+
+def test_signs_are_fixed_and_reconstruction_holds():
+    w, _, _ = known_spectrum(80, 60, np.linspace(5, 1, 60), seed=4)
+    spectrum = decompose(w, top_k=60)
+
+    peaks = np.abs(spectrum.u).argmax(axis=0)
+    assert (spectrum.u[peaks, np.arange(60)] > 0).all()
+    rebuilt = (spectrum.u * spectrum.sigma) @ spectrum.v.T
+    np.testing.assert_allclose(rebuilt, w.numpy(), atol=1e-5)
+
+    flipped = decompose(-w, top_k=60)
+    np.testing.assert_allclose(flipped.u, spectrum.u, atol=1e-5)
+    np.testing.assert_allclose(flipped.v, -spectrum.v, atol=1e-5)
+
+
+def test_batch_equals_one_at_a_time():
+    stack = torch.randn(3, 40, 70, generator=torch.Generator().manual_seed(5))
+    batched = decompose_batch(stack, top_k=8)
+    for matrix, spectrum in zip(stack, batched, strict=True):
+        single = decompose(matrix, top_k=8)
+        np.testing.assert_allclose(single.sigma, spectrum.sigma, rtol=1e-6)
+        np.testing.assert_allclose(single.u, spectrum.u, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(float("nan"), "1 NaN"), (float("inf"), "1 +Inf"), (float("-inf"), "1 -Inf")],
+)
+def test_non_finite_input_is_refused_with_its_reason(value, expected):
+    w = torch.ones(5, 4)
+    w[2, 1] = value
+    with pytest.raises(DecompositionError, match=re.escape(f"({expected} of 20)")):
+        decompose(w, top_k=2)
+
+
+def test_zero_and_rank_deficient_matrices_give_finite_orthonormal_vectors():
+    zero = decompose(torch.zeros(6, 4), top_k=4)
+    assert (zero.sigma == 0).all() and np.isfinite(zero.u).all()
+
+    rank_one = torch.outer(torch.arange(1.0, 7.0), torch.arange(1.0, 5.0))
+    spectrum = decompose(rank_one, top_k=3)
+    assert spectrum.sigma[1] < 1e-5 * spectrum.sigma[0]
+    gram = spectrum.u.T @ spectrum.u
+    np.testing.assert_allclose(gram, np.eye(3), atol=1e-5)
+
+
+def test_values_near_the_float32_limit_stay_finite():
+    w, _, _ = known_spectrum(30, 20, np.linspace(1, 0.5, 20), seed=6)
+    big = decompose(w * 1e37, top_k=4)
+    tiny = decompose(w * 1e-37, top_k=4)
+    reference = torch.linalg.svdvals(w.double()).numpy()
+    np.testing.assert_allclose(big.sigma / 1e37, reference, rtol=1e-5)
+    np.testing.assert_allclose(tiny.sigma / 1e-37, reference, rtol=1e-4)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    m=st.integers(1, 24),
+    n=st.integers(1, 24),
+    seed=st.integers(0, 2**16),
+    scale=st.floats(1e-3, 1e3),
+)
+def test_invariants(m, n, seed, scale):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(m, n, generator=gen) * scale
+    spectrum = decompose(w, top_k=5)
+
+    # Sorted, non-negative, and unchanged by an orthogonal rotation of either side.
+    assert (spectrum.sigma >= 0).all()
+    assert (np.diff(spectrum.sigma) <= 1e-6 * spectrum.sigma[0]).all()
+    q, _ = torch.linalg.qr(torch.randn(m, m, generator=gen, dtype=torch.float64))
+    rotated = decompose((q @ w.double()).float(), top_k=5)
+    np.testing.assert_allclose(rotated.sigma, spectrum.sigma, rtol=1e-4, atol=1e-5 * scale)

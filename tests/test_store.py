@@ -1,0 +1,132 @@
+"""The store format: its layout pinned, its readers, its refusals."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from spectrum_cli.errors import StoreError
+from spectrum_cli.store import DONE, FAILED, NOT_COMPUTED, LayerResult, Store
+
+
+def result(layer: str, m: int, n: int, k: int, fill: float = 1.0, **extra) -> LayerResult:
+    r = min(m, n)
+    fields = {
+        "sigma": np.linspace(fill, 0.1, r, dtype=np.float32),
+        "u": np.full((m, min(k, r)), fill, np.float32),
+        "v": np.full((n, min(k, r)), fill, np.float32),
+    }
+    fields.update(extra)
+    return LayerResult(layer, (m, n), (m, n), "float32", "as stored (out × in)", **fields)
+
+
+def test_layout_is_format_one(tmp_path):
+    path = tmp_path / "s.zarr"
+    with Store.writing(path, top_k=4) as store:
+        store.add_steps("runA", [10, 0])
+        store.write_checkpoint("runA", 0, [result("fc.weight", 6, 3, 4)], {"path": "a/0"})
+
+    # Golden: every metadata document of the store, with what spectrum pins in it.
+    root = json.loads((path / "zarr.json").read_text())
+    assert root["zarr_format"] == 3 and root["node_type"] == "group"
+    assert root["attributes"]["spectrum_format"] == 1
+    assert root["attributes"]["top_k"] == 4 and root["attributes"]["runs"] == ["runA"]
+    run = json.loads((path / "runA" / "zarr.json").read_text())["attributes"]
+    assert run["steps"] == [0, 10] and run["layers"] == ["fc.weight"]
+    assert run["checkpoints"] == {"0": {"path": "a/0"}}
+    layer = json.loads((path / "runA" / "fc.weight" / "zarr.json").read_text())["attributes"]
+    assert layer["matrix_shape"] == [6, 3] and layer["dtype"] == "float32"
+    expected = {
+        "step": ("int64", [2], ["step"]),
+        "sigma": ("float32", [2, 3], ["step", "index"]),
+        "u": ("float32", [2, 6, 3], ["step", "row", "k"]),
+        "v": ("float32", [2, 3, 3], ["step", "col", "k"]),
+        "status": ("uint8", [2], ["step"]),
+    }
+    for name, (dtype, shape, dims) in expected.items():
+        meta = json.loads((path / "runA" / "fc.weight" / name / "zarr.json").read_text())
+        assert (meta["data_type"], meta["shape"], meta["dimension_names"]) == (dtype, shape, dims)
+
+
+def test_read_returns_done_rows_sorted_by_step(tmp_path):
+    path = tmp_path / "s.zarr"
+    with Store.writing(path, top_k=2) as store:
+        store.add_steps("r", [5, 1])
+        store.write_checkpoint("r", 5, [result("w", 4, 4, 2, fill=5.0)], {})
+        store.add_steps("r", [3])  # added later, so its row comes last
+        store.write_checkpoint("r", 3, [result("w", 4, 4, 2, fill=3.0)], {})
+
+    store = Store.open(path)
+    rows = store.read("r", "w", ("sigma", "u"))
+    assert rows.steps.tolist() == [3, 5]
+    assert rows.sigma[:, 0].tolist() == [3.0, 5.0]
+    assert rows.u.shape == (2, 4, 2)
+    steps, status = store.status("r", "w")
+    assert steps.tolist() == [1, 3, 5] and status.tolist() == [NOT_COMPUTED, DONE, DONE]
+    assert store.done_steps("r") == [3, 5]
+
+
+def test_failures_and_shape_changes_are_recorded_not_stored(tmp_path):
+    path = tmp_path / "s.zarr"
+    with Store.writing(path, top_k=2) as store:
+        store.add_steps("r", [0, 1, 2])
+        store.write_checkpoint("r", 0, [result("w", 4, 4, 2)], {})
+        store.write_checkpoint("r", 1, [result("w", 5, 4, 2)], {})
+        failed = LayerResult("w", (4, 4), (4, 4), "float32", "as stored", failure="NaN")
+        store.write_checkpoint("r", 2, [failed], {})
+
+    store = Store.open(path)
+    _, status = store.status("r", "w")
+    assert status.tolist() == [DONE, FAILED, FAILED]
+    failures = store.layer_attrs("r", "w")["failures"]
+    assert "differs" in failures["1"] and failures["2"] == "NaN"
+    assert store.read("r", "w").steps.tolist() == [0]
+
+
+def test_readable_with_xarray(tmp_path):
+    xr = pytest.importorskip("xarray")
+    path = tmp_path / "s.zarr"
+    with Store.writing(path, top_k=2) as store:
+        store.add_steps("runs/a", [0, 7])
+        for step in (0, 7):
+            store.write_checkpoint("runs/a", step, [result("conv.weight", 8, 5, 2)], {})
+
+    data = xr.open_zarr(path, group="runs/a/conv.weight", consolidated=False)
+    assert data["sigma"].dims == ("step", "index")
+    assert data["u"].dims == ("step", "row", "k")
+    assert data["step"].values.tolist() == [0, 7]
+    assert data["sigma"].sel(step=7).shape == (5,)
+
+
+def test_refuses_foreign_folders_formats_and_top_k(tmp_path):
+    with pytest.raises(StoreError, match="does not exist"):
+        Store.open(tmp_path / "missing.zarr")
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "a.txt").write_text("mine")
+    with pytest.raises(StoreError, match="not a spectra store"), Store.writing(folder, top_k=2):
+        pass
+    assert (folder / "a.txt").read_text() == "mine"
+
+    path = tmp_path / "s.zarr"
+    with Store.writing(path, top_k=2):
+        pass
+    with pytest.raises(StoreError, match="--top-k 2"), Store.writing(path, top_k=8):
+        pass
+    meta = json.loads((path / "zarr.json").read_text())
+    meta["attributes"]["spectrum_format"] = 2
+    (path / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match="format 2"):
+        Store.open(path)
+
+
+def test_second_writer_stops_with_a_clear_message(tmp_path):
+    path = tmp_path / "s.zarr"
+    with (
+        Store.writing(path, top_k=2),
+        pytest.raises(StoreError, match="another spectrum process"),
+        Store.writing(path, top_k=2),
+    ):
+        pass
