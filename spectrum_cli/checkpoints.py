@@ -1,0 +1,598 @@
+"""Find the runs and checkpoints under a folder, and read their weights without running code.
+
+A *run* is a directory of checkpoints from one training run, named by its path under the
+analysed root; a *checkpoint* is one weights file (``.safetensors``, ``.pt``, ``.pth``, ``.bin``,
+``.ckpt``) or one directory holding a model in Hugging Face layout (``model.safetensors``,
+``pytorch_model.bin``, or shards listed in an ``*.index.json``). :func:`discover` reads each
+checkpoint's step from its name, or from metadata inside when the name has none, and leaves out
+optimizer, scheduler, scaler and RNG files. :func:`load_tensors` yields a checkpoint's weights
+one tensor at a time, unwrapped from the usual containers (``state_dict``, ``model_state``, …)
+and with wrapper prefixes (``module.``, ``_orig_mod.``, Lightning's ``model.``) stripped.
+
+Pickled checkpoints are read with PyTorch's weights-only unpickler and memory-mapped where the
+file format allows. In zip-format files, classes that unpickler does not know (a whole pickled
+``nn.Module``, a Lightning module's hyper-parameters) are replaced by inert stand-ins that keep
+data and run nothing; globals from ``os`` and ``sys`` are refused outright by PyTorch. Formats
+followed: safetensors (https://huggingface.co/docs/safetensors), ``torch.save`` zip and legacy
+files, Hugging Face sharded checkpoints, PyTorch Lightning ``.ckpt`` files.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import logging
+import os
+import pickle
+import re
+import struct
+import threading
+from collections import Counter, defaultdict
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from spectrum_cli.errors import CheckpointError, UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+_HF_LAYOUTS = (
+    ("model.safetensors", "model.safetensors.index.json"),
+    ("pytorch_model.bin", "pytorch_model.bin.index.json"),
+)
+_HF_SHARD = re.compile(r"^(?:model|pytorch_model)-\d+-of-(\d+)\.(?:safetensors|bin)$")
+_NOT_MODEL = re.compile(r"optim|rng|scheduler|scaler|training_args", re.IGNORECASE)
+_LIGHTNING_LAST = re.compile(r"^last(?:-v\d+)?$")
+_STEP_WORD = re.compile(r"(?<![a-z])(?:global_?)?steps?[-_=]?(\d+)", re.IGNORECASE)
+_DTYPE_WORD = re.compile(r"(?<![a-z0-9])(?:fp|bf|float|u?int)\d+(?![0-9])", re.IGNORECASE)
+_CHECKPOINT_DIR = re.compile(r"(?:checkpoint|ckpt|step|iter|epoch)[-_=]?\d+", re.IGNORECASE)
+_CONTAINER_KEYS = (
+    "state_dict",
+    "model_state_dict",
+    "model_state",
+    "model",
+    "module",
+    "net",
+    "network",
+)
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# safe_globals edits a process-wide allowlist: one stand-in load at a time across threads.
+_STAND_IN_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True, order=True)
+class Checkpoint:
+    """One saved model of one run: its run name, training step and weights path."""
+
+    run: str
+    step: int
+    path: Path
+
+
+@dataclass(frozen=True)
+class Discovery:
+    """The checkpoints found under a root, sorted by (run, step), and one note per decision."""
+
+    checkpoints: list[Checkpoint]
+    notes: list[str]
+
+
+def step_from_name(name: str) -> int | None:
+    """Read a training step from a file or directory name.
+
+    An explicit ``step`` token wins (``epoch=3-step=900`` gives 900, ``global_step1200`` gives
+    1200); otherwise the last integer in the name counts (``ckpt_epoch_7``, ``iter_000400``).
+    Dtype words such as ``fp16`` are not steps.
+
+    Parameters
+    ----------
+    name : str
+        A file name (its weights suffix is ignored) or a directory name.
+
+    Returns
+    -------
+    int or None
+        The step, or None when the name holds no number.
+    """
+    stem = name[: -len(Path(name).suffix)] if name.endswith(WEIGHT_SUFFIXES) else name
+    stem = _DTYPE_WORD.sub("", stem)
+    explicit = _STEP_WORD.findall(stem)
+    if explicit:
+        return int(explicit[-1])
+    numbers = re.findall(r"\d+", stem)
+    return int(numbers[-1]) if numbers else None
+
+
+def normalise_name(key: str) -> str:
+    """Strip the leading wrapper prefixes ``module.`` and ``_orig_mod.`` from a state-dict key.
+
+    ``module._orig_mod.fc.weight`` (DataParallel around ``torch.compile``) becomes ``fc.weight``.
+    """
+    while key.startswith(_WRAPPER_PREFIXES):
+        key = key.split(".", 1)[1]
+    return key
+
+
+def discover(root: Path) -> Discovery:
+    """Find every run and checkpoint under a root folder.
+
+    Parameters
+    ----------
+    root : Path
+        A folder of runs (runs may nest: ``root/sweep/lr1/step_1.pt`` is run ``sweep/lr1``),
+        one run's folder, one checkpoint directory, or one checkpoint file.
+
+    Returns
+    -------
+    Discovery
+        Checkpoints sorted by (run, step), and notes on what was skipped and why.
+
+    Raises
+    ------
+    UsageError
+        If the root does not exist or holds no checkpoint.
+    """
+    root = Path(root).absolute()
+    if not root.exists():
+        raise UsageError(f"{root} does not exist; give a folder of training runs or a checkpoint")
+    found: list[Checkpoint] = []
+    notes: list[str] = []
+    weights = root if root.is_file() else _checkpoint_dir_weights(root, _listing(root, notes))
+    if weights is None:
+        _scan(root, root, found, notes, visited={os.path.realpath(root)})
+    elif root.is_dir() or _is_model_file(root, root.parent, notes):
+        run = root.stem if root.is_file() else root.name
+        checkpoint = _checkpoint(run, weights, notes, named=root, default_step=0)
+        found += [checkpoint] if checkpoint else []
+    if not found:
+        skipped = "; ".join(notes[:3])
+        raise UsageError(
+            f"no checkpoint under {root}: looked for files ending in {', '.join(WEIGHT_SUFFIXES)} "
+            "and Hugging Face checkpoint directories" + (f" ({skipped})" if skipped else "")
+        )
+    checkpoints = _drop_duplicate_steps(found, notes)
+    for run, group in itertools.groupby(checkpoints, key=lambda checkpoint: checkpoint.run):
+        steps = [checkpoint.step for checkpoint in group]
+        notes.append(f"run {run}: {len(steps)} checkpoints, steps {steps[0]} to {steps[-1]}")
+    for note in notes:
+        logger.debug(note)
+    return Discovery(checkpoints=checkpoints, notes=notes)
+
+
+def _scan(
+    directory: Path, root: Path, found: list[Checkpoint], notes: list[str], visited: set[str]
+) -> None:
+    """Collect the checkpoints of the run in ``directory`` and recurse into nested runs."""
+    run = directory.relative_to(root).as_posix() if directory != root else root.name
+    for name in _listing(directory, notes):
+        path = directory / name
+        checkpoint = None
+        if path.is_dir():
+            real = os.path.realpath(path)
+            if real in visited:
+                continue
+            visited.add(real)
+            weights = _checkpoint_dir_weights(path, _listing(path, notes))
+            if weights is None:
+                _scan(path, root, found, notes, visited)
+            else:
+                checkpoint = _checkpoint(run, weights, notes, named=path)
+        elif _is_model_file(path, root, notes):
+            checkpoint = _checkpoint(run, path, notes, named=path)
+        if checkpoint is not None:
+            found.append(checkpoint)
+
+
+def _listing(directory: Path, notes: list[str]) -> list[str]:
+    """The visible entries of a directory, sorted; a note instead of an error if unreadable."""
+    try:
+        return sorted(name for name in os.listdir(directory) if not name.startswith("."))
+    except OSError as error:
+        notes.append(f"skipped {directory}: cannot list it ({error.strerror})")
+        return []
+
+
+def _is_model_file(path: Path, root: Path, notes: list[str]) -> bool:
+    """Whether a file holds a model's weights; weights-like files that do not get a note."""
+    if not path.name.endswith(WEIGHT_SUFFIXES) or not path.is_file():
+        return False
+    where = path.relative_to(root).as_posix()
+    if _NOT_MODEL.search(path.stem):
+        notes.append(f"skipped {where}: optimizer, scheduler, scaler or RNG state, not weights")
+        return False
+    if path.suffix == ".ckpt" and _LIGHTNING_LAST.match(path.stem):
+        notes.append(f"skipped {where}: {path.name} repeats a step saved under another name")
+        return False
+    return True
+
+
+def _single_model_file(names: list[str]) -> str | None:
+    """The one weights file among ``names`` that is not optimizer or RNG state, if just one."""
+    models = [n for n in names if n.endswith(WEIGHT_SUFFIXES) and not _NOT_MODEL.search(n)]
+    return models[0] if len(models) == 1 else None
+
+
+def _checkpoint_dir_weights(directory: Path, names: list[str]) -> Path | None:
+    """What to load for a directory that is one checkpoint, or None if it is not one.
+
+    A Hugging Face layout gives the directory itself; a directory named like a checkpoint
+    (``global_step1200``, ``checkpoint-500``) that holds exactly one model file gives that file.
+    """
+    if any(name in names for layout in _HF_LAYOUTS for name in layout):
+        return directory
+    if any(_HF_SHARD.match(name) for name in names):
+        return directory
+    single = _single_model_file(names) if _CHECKPOINT_DIR.search(directory.name) else None
+    if single is not None and (directory / single).is_file():
+        return directory / single
+    return None
+
+
+def _checkpoint(
+    run: str, weights: Path, notes: list[str], named: Path, default_step: int | None = None
+) -> Checkpoint | None:
+    """A checkpoint with its step from the name, else from metadata; None with a note if neither.
+
+    ``named`` is the file or directory whose name may carry the step; ``weights`` is what
+    :func:`load_tensors` will read.
+    """
+    where = f"{named.name} in run {run}"
+    step = step_from_name(named.name)
+    if step is None:
+        try:
+            step = _step_from_metadata(named, weights)
+        except CheckpointError as error:
+            notes.append(f"skipped {where}: {error}")
+            return None
+        if step is not None:
+            notes.append(f"{where}: step {step} read from its metadata")
+    if step is None and default_step is not None:
+        notes.append(f"{where}: no step in its name or metadata; taken as step {default_step}")
+        step = default_step
+    if step is None:
+        suffix = named.suffix if named.is_file() else ""
+        notes.append(
+            f"skipped {where}: no step in its name or metadata; "
+            f"rename it with its step, e.g. step_100{suffix}"
+        )
+        return None
+    return Checkpoint(run=run, step=step, path=weights)
+
+
+def _step_from_metadata(named: Path, weights: Path) -> int | None:
+    """The step recorded inside a checkpoint: trainer state, safetensors metadata or pickle."""
+    candidates: list[Any] = []
+    try:
+        trainer_state = named / "trainer_state.json"
+        if named.is_dir() and trainer_state.is_file():
+            candidates.append(json.loads(trainer_state.read_text()).get("global_step"))
+        metadata = read_metadata(weights)
+        candidates.append(metadata.get("step"))
+        if "spectrum" in metadata:
+            ours = json.loads(metadata["spectrum"])
+            candidates.append(ours.get("step") if isinstance(ours, dict) else None)
+    except (OSError, ValueError, AttributeError) as error:
+        raise CheckpointError(f"cannot read its metadata: {error}") from error
+    if weights.is_file() and weights.suffix != ".safetensors":
+        loaded = _read_pickle(weights)
+        if isinstance(loaded, Mapping):
+            candidates += [loaded.get("global_step"), loaded.get("step")]
+    for value in candidates:
+        if isinstance(value, (int, str)) and str(value).isdigit():
+            return int(value)
+    return None
+
+
+def _drop_duplicate_steps(found: list[Checkpoint], notes: list[str]) -> list[Checkpoint]:
+    """Keep one checkpoint per (run, step): safetensors first, then the shortest name."""
+    claims: dict[tuple[str, int], list[Checkpoint]] = defaultdict(list)
+    for checkpoint in found:
+        claims[checkpoint.run, checkpoint.step].append(checkpoint)
+    kept = []
+    for (run, step), claimants in sorted(claims.items()):
+        claimants.sort(key=lambda c: (c.path.suffix != ".safetensors", len(c.path.name), c.path))
+        kept.append(claimants[0])
+        if len(claimants) > 1:
+            skipped = ", ".join(c.path.name for c in claimants[1:])
+            notes.append(
+                f"{len(claimants)} files claim step {step} in run {run}: "
+                f"kept {claimants[0].path.name}, skipped {skipped}"
+            )
+    return kept
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """Read the safetensors header metadata of a file, or of the first shard of a directory.
+
+    Parameters
+    ----------
+    path : Path
+        A ``.safetensors`` file or a Hugging Face checkpoint directory.
+
+    Returns
+    -------
+    dict of str to str
+        The ``__metadata__`` entries; empty for other formats or where there are none.
+    """
+    path = Path(path)
+    files = _weight_files(path) if path.is_dir() else [path]
+    if not files or files[0].suffix != ".safetensors":
+        return {}
+    metadata = _read_header(files[0]).get("__metadata__") or {}
+    return {str(key): str(value) for key, value in metadata.items()}
+
+
+def load_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield the model weights of one checkpoint, one tensor at a time where the format allows.
+
+    Parameters
+    ----------
+    path : Path
+        A weights file, or a directory in Hugging Face layout (single file or shards).
+
+    Yields
+    ------
+    tuple of (str, torch.Tensor)
+        The normalised state-dict key and its tensor, in the checkpoint's own order. Tensors of
+        every dtype and shape are yielded; optimizer and scheduler state never are.
+
+    Raises
+    ------
+    CheckpointError
+        If the checkpoint is empty, truncated, not a checkpoint, misses a shard or holds no
+        tensors.
+    """
+    path = Path(path)
+    count = 0
+    for file in _weight_files(path):
+        tensors = _safetensors_tensors(file) if file.suffix == ".safetensors" else _pickled(file)
+        for name, tensor in tensors:
+            count += 1
+            yield name, tensor
+    if count == 0:
+        raise CheckpointError(
+            f"{path} holds no tensors; expected a state dict of weights, e.g. from "
+            "torch.save(model.state_dict(), path)"
+        )
+
+
+def _weight_files(path: Path) -> list[Path]:
+    """The files that together hold the model saved at ``path``, in shard order."""
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise CheckpointError(f"{path} does not exist")
+    names = os.listdir(path)
+    for single, index in _HF_LAYOUTS:
+        if single in names:
+            return [path / single]
+        if index in names:
+            return _shards_from_index(path / index)
+    shards = sorted(
+        (match.string, int(match.group(1))) for match in map(_HF_SHARD.match, names) if match
+    )
+    if shards:
+        if len(shards) != shards[0][1]:
+            raise CheckpointError(f"{path} holds {len(shards)} of {shards[0][1]} shards, no index")
+        return [path / name for name, _ in shards]
+    model_file = _single_model_file(sorted(names))
+    if model_file is None:
+        raise CheckpointError(
+            f"{path} holds no model: expected model.safetensors, pytorch_model.bin, their "
+            "shards with an index JSON, or exactly one weights file"
+        )
+    return [path / model_file]
+
+
+def _shards_from_index(index: Path) -> list[Path]:
+    """The shard files an ``*.index.json`` names, each checked to exist."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards = [index.parent / name for name in sorted(set(weight_map.values()))]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise CheckpointError(f"cannot read the shard index {index}: {error}") from error
+    missing = [shard.name for shard in shards if not shard.is_file()]
+    if missing:
+        raise CheckpointError(f"{index.parent} misses shards named in {index.name}: {missing}")
+    return shards
+
+
+def _read_header(file: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file, checked against the file's size."""
+    try:
+        with open(file, "rb") as handle:
+            prefix = handle.read(8)
+            size = os.fstat(handle.fileno()).st_size
+            if len(prefix) < 8:
+                raise CheckpointError(f"{file} is not a safetensors file: only {size} bytes")
+            (length,) = struct.unpack("<Q", prefix)
+            if length > size - 8:
+                raise CheckpointError(
+                    f"{file} is truncated or not safetensors: its header claims {length} bytes, "
+                    f"only {size - 8} follow"
+                )
+            header = json.loads(handle.read(length))
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"cannot read the safetensors header of {file}: {error}") from error
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: expected a JSON object as header, got {type(header)}")
+    return header
+
+
+def _safetensors_tensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import SafetensorError, safe_open
+
+    keys = _stored_order(_read_header(file), file)
+    names = _unique_names(keys, lightning=False, file=file)
+    try:
+        with safe_open(file, framework="pt") as handle:
+            for key, name in zip(keys, names, strict=True):
+                yield name, handle.get_tensor(key)
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"cannot read {file} as safetensors: {error}") from error
+
+
+def _stored_order(header: dict[str, Any], file: Path) -> list[str]:
+    """Tensor keys in the order of their bytes, or in natural order if that order says nothing.
+
+    The safetensors library writes tensors sorted by dtype and then by name, which loses the
+    model's order; for such files ``layers.2`` before ``layers.10`` is the better guess.
+    """
+    try:
+        entries = sorted(
+            (spec["data_offsets"][0], key, spec["dtype"])
+            for key, spec in header.items()
+            if key != "__metadata__"
+        )
+    except (KeyError, TypeError, IndexError) as error:
+        raise CheckpointError(f"{file} has a malformed safetensors header: {error}") from error
+    by_dtype: dict[str, list[str]] = defaultdict(list)
+    for _, key, dtype in entries:
+        by_dtype[dtype].append(key)
+    keys = [key for _, key, _ in entries]
+    if all(group == sorted(group) for group in by_dtype.values()):
+        return sorted(keys, key=_natural_key)
+    return keys
+
+
+def _natural_key(key: str) -> list[tuple[int, int, str]]:
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in key.split(".")]
+
+
+def _pickled(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """The weights of a ``torch.save`` file, unwrapped from their container."""
+    loaded = _read_pickle(file)
+    lightning = isinstance(loaded, Mapping) and "state_dict" in loaded
+    lightning = lightning and ("pytorch-lightning_version" in loaded or "global_step" in loaded)
+    tensors = list(_flatten(_model_state(loaded), prefix=""))
+    names = _unique_names([key for key, _ in tensors], lightning=lightning, file=file)
+    for name, (_, tensor) in zip(names, tensors, strict=True):
+        yield name, tensor
+
+
+def _read_pickle(file: Path) -> Any:
+    """Load a ``torch.save`` file on the CPU without running any code it names."""
+    import torch
+
+    try:
+        with open(file, "rb") as handle:
+            magic = handle.read(4)
+    except OSError as error:
+        raise CheckpointError(f"cannot open {file}: {error.strerror}") from error
+    if not magic:
+        raise CheckpointError(f"{file} is empty; expected a torch.save checkpoint")
+    zipped = magic == b"PK\x03\x04"  # legacy (pre-zip) files cannot be memory-mapped
+
+    def load() -> Any:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=zipped)
+
+    try:
+        try:
+            return load()
+        except pickle.UnpicklingError:
+            unknown = torch.serialization.get_unsafe_globals_in_checkpoint(file) if zipped else []
+            if not unknown:
+                raise
+        logger.debug("%s: inert stand-ins for %s", file, ", ".join(sorted(unknown)))
+        stand_ins: list[Any] = [(_stand_in(name), name) for name in unknown]
+        with _STAND_IN_LOCK, torch.serialization.safe_globals(stand_ins):
+            return load()
+    except Exception as error:  # damaged bytes surface as RuntimeError, EOFError, IndexError, …
+        raise CheckpointError(_describe_load_failure(file, error)) from error
+
+
+def _describe_load_failure(file: Path, error: Exception) -> str:
+    """One line on why a pickle did not load, without PyTorch's advice to trust the file."""
+    text = str(error)
+    named = re.search(r"GLOBAL (\S+)", text)
+    if named and "is blocked" in text:
+        return f"refused {file}: unpickling it would call {named.group(1)}"
+    if named:
+        return (
+            f"cannot read {file} without running code: it names {named.group(1)}; "
+            "re-save the weights with torch.save(model.state_dict(), path) or as safetensors"
+        )
+    lines = [line for line in text.splitlines() if line.strip()]
+    detail = lines[-1] if len(lines) > 1 and "Weights only" in lines[0] else (lines or [""])[0]
+    return f"cannot read {file} as a torch.save checkpoint: {detail or type(error).__name__}"
+
+
+class _StandIn:
+    """An inert stand-in for a class or function a pickle names: it keeps data, runs nothing."""
+
+    qualified_name = ""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _StandIn:
+        return super().__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.state: Any = None
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+@functools.cache
+def _stand_in(qualified_name: str) -> type[_StandIn]:
+    name = qualified_name.rsplit(".", 1)[-1]
+    return type(name, (_StandIn,), {"qualified_name": qualified_name})
+
+
+def _model_state(loaded: Any) -> Mapping[str, Any]:
+    """The state dict inside a loaded checkpoint: unwrap containers and pickled modules."""
+    import torch
+
+    if isinstance(loaded, _StandIn):
+        return _module_state(loaded)
+    if not isinstance(loaded, Mapping):
+        return {}
+    if all(isinstance(value, torch.Tensor) for value in loaded.values()):
+        return loaded
+    for key in _CONTAINER_KEYS:
+        inner = _model_state(loaded.get(key))
+        if any(_flatten(inner, prefix="")):
+            return inner
+    return {key: value for key, value in loaded.items() if not _NOT_MODEL.search(str(key))}
+
+
+def _module_state(module: _StandIn) -> dict[str, Any]:
+    """The state dict of a whole pickled ``nn.Module``: parameters, buffers, then submodules."""
+    state = module.state if isinstance(module.state, dict) else {}
+    transient = state.get("_non_persistent_buffers_set") or set()
+    tensors = dict(state.get("_parameters") or {})
+    tensors.update((k, v) for k, v in (state.get("_buffers") or {}).items() if k not in transient)
+    for name, child in (state.get("_modules") or {}).items():
+        if isinstance(child, _StandIn):
+            tensors[name] = _module_state(child)
+    return tensors
+
+
+def _flatten(state: Mapping[str, Any], prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tensors of a possibly nested state dict, keys joined with dots; other values dropped."""
+    import torch
+
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor):
+            yield f"{prefix}{key}", value
+        elif isinstance(value, Mapping):
+            yield from _flatten(value, prefix=f"{prefix}{key}.")
+
+
+def _unique_names(keys: list[str], lightning: bool, file: Path) -> list[str]:
+    """Normalised names of a checkpoint's keys, checked to stay one name per layer."""
+    names = [normalise_name(key) for key in keys]
+    if lightning and names and all(name.startswith("model.") for name in names):
+        names = [normalise_name(name.removeprefix("model.")) for name in names]
+    clashes = [name for name, count in Counter(names).items() if count > 1]
+    if clashes:
+        clash = clashes[0]
+        raise CheckpointError(
+            f"{file}: two keys become layer {clash!r} once wrapper prefixes are stripped"
+        )
+    return names

@@ -1,0 +1,583 @@
+"""Discovery of runs and checkpoints, and safe, lazy loading of their weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from safetensors.torch import save_file
+
+from spectrum_cli.checkpoints import (
+    Checkpoint,
+    discover,
+    load_tensors,
+    normalise_name,
+    read_metadata,
+    step_from_name,
+)
+from spectrum_cli.errors import CheckpointError, UsageError
+
+REAL = Path(__file__).parents[1].parent / "shared" / "real"
+
+
+def _weights(seed: int = 0, dtype: torch.dtype = torch.float32) -> OrderedDict[str, torch.Tensor]:
+    """A tiny state dict whose key order is not alphabetical."""
+    generator = torch.Generator().manual_seed(seed)
+    shapes = {"fc2.weight": (2, 4), "fc1.weight": (4, 3), "fc1.bias": (4,)}
+    return OrderedDict(
+        (key, torch.randn(shape, generator=generator).to(dtype)) for key, shape in shapes.items()
+    )
+
+
+def _touch_weights(path: Path, seed: int = 0, **metadata: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".safetensors":
+        save_file(dict(_weights(seed)), path, metadata=metadata or None)
+    else:
+        torch.save(_weights(seed), path)
+
+
+def _assert_same(loaded: list[tuple[str, torch.Tensor]], expected: dict[str, torch.Tensor]) -> None:
+    assert sorted(name for name, _ in loaded) == sorted(expected)
+    for name, tensor in loaded:
+        assert tensor.dtype == expected[name].dtype
+        assert torch.equal(tensor, expected[name])
+
+
+# Layouts: each builds checkpoints under a root and returns the (run, step, path) expected.
+
+
+def _flat(root: Path) -> list[tuple[str, int, str]]:
+    for step in (100, 200):
+        _touch_weights(root / "a" / f"step_{step}.pt", seed=step)
+    return [("a", 100, "a/step_100.pt"), ("a", 200, "a/step_200.pt")]
+
+
+def _hf_single(root: Path) -> list[tuple[str, int, str]]:
+    checkpoint = root / "run" / "checkpoint-500"
+    _touch_weights(checkpoint / "model.safetensors")
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin"):
+        torch.save({"state": {}}, checkpoint / name)
+    (checkpoint / "trainer_state.json").write_text('{"global_step": 500}')
+    return [("run", 500, "run/checkpoint-500")]
+
+
+def _hf_sharded(root: Path) -> list[tuple[str, int, str]]:
+    checkpoint = root / "run" / "checkpoint-10"
+    checkpoint.mkdir(parents=True)
+    weights = _weights()
+    shards = {"model-00001-of-00002.safetensors": ["fc2.weight"]}
+    shards["model-00002-of-00002.safetensors"] = ["fc1.weight", "fc1.bias"]
+    for shard, keys in shards.items():
+        save_file({key: weights[key] for key in keys}, checkpoint / shard)
+    weight_map = {key: shard for shard, keys in shards.items() for key in keys}
+    index = {"metadata": {}, "weight_map": weight_map}
+    (checkpoint / "model.safetensors.index.json").write_text(json.dumps(index))
+    return [("run", 10, "run/checkpoint-10")]
+
+
+def _hf_bin(root: Path) -> list[tuple[str, int, str]]:
+    _touch_weights(root / "run" / "checkpoint-20" / "pytorch_model.bin")
+    return [("run", 20, "run/checkpoint-20")]
+
+
+def _hf_shards_without_index(root: Path) -> list[tuple[str, int, str]]:
+    _hf_sharded(root)
+    (root / "run" / "checkpoint-10" / "model.safetensors.index.json").unlink()
+    return [("run", 10, "run/checkpoint-10")]
+
+
+def _lightning(root: Path) -> list[tuple[str, int, str]]:
+    run = root / "lit"
+    run.mkdir()
+    for epoch, step in ((0, 100), (1, 200)):
+        state = OrderedDict((f"model.{key}", value) for key, value in _weights().items())
+        lightning = {"state_dict": state, "global_step": step, "pytorch-lightning_version": "2.4"}
+        lightning |= {"optimizer_states": [{"state": {0: {"exp_avg": torch.ones(2, 4)}}}]}
+        torch.save(lightning, run / f"epoch={epoch}-step={step}.ckpt")
+    torch.save(lightning, run / "last.ckpt")
+    torch.save(lightning, run / "last-v1.ckpt")
+    return [("lit", 100, "lit/epoch=0-step=100.ckpt"), ("lit", 200, "lit/epoch=1-step=200.ckpt")]
+
+
+def _nested(root: Path) -> list[tuple[str, int, str]]:
+    _touch_weights(root / "sweep" / "lr1" / "step_1.pt")
+    _touch_weights(root / "sweep" / "lr2" / "step_1.safetensors")
+    _touch_weights(root / "step_5.pt")
+    return [
+        (root.name, 5, "step_5.pt"),
+        ("sweep/lr1", 1, "sweep/lr1/step_1.pt"),
+        ("sweep/lr2", 1, "sweep/lr2/step_1.safetensors"),
+    ]
+
+
+def _deepspeed(root: Path) -> list[tuple[str, int, str]]:
+    step_dir = root / "ds" / "global_step300"
+    step_dir.mkdir(parents=True)
+    torch.save({"module": _weights(), "optimizer": None}, step_dir / "mp_rank_00_model_states.pt")
+    torch.save({"state": {}}, step_dir / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    return [("ds", 300, "ds/global_step300/mp_rank_00_model_states.pt")]
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        _flat,
+        _hf_single,
+        _hf_sharded,
+        _hf_shards_without_index,
+        _hf_bin,
+        _lightning,
+        _nested,
+        _deepspeed,
+    ],
+)
+def test_discover_and_load_each_layout(tmp_path: Path, layout: Callable) -> None:
+    root = tmp_path / "runs"
+    root.mkdir()
+    expected = layout(root)
+
+    found = discover(root)
+
+    assert found.checkpoints == sorted(Checkpoint(r, s, root / p) for r, s, p in expected)
+    for checkpoint in found.checkpoints:
+        assert checkpoint.path.is_absolute()
+        loaded = list(load_tensors(checkpoint.path))
+        assert [name for name, _ in loaded if name.startswith("fc")] == [n for n, _ in loaded]
+        _assert_same(loaded, _weights(seed=checkpoint.step if layout is _flat else 0))
+
+
+def test_discover_notes_skipped_files(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    _touch_weights(run / "step_1.pt")
+    for name in ("optimizer.pt", "optim_states_1.pt", "rng_state_0.pth", "scheduler.pt"):
+        torch.save({}, run / name)
+    torch.save({}, run / "scaler.pt")
+    (run / "config.json").write_text("{}")
+    _lightning(tmp_path)
+
+    found = discover(tmp_path)
+
+    assert {(c.run, c.step) for c in found.checkpoints} == {("run", 1), ("lit", 100), ("lit", 200)}
+    skipped = "\n".join(found.notes)
+    for name in ("optimizer.pt", "optim_states_1.pt", "rng_state_0.pth", "scheduler.pt"):
+        assert f"skipped run/{name}" in skipped
+    assert "skipped lit/last.ckpt" in skipped and "skipped lit/last-v1.ckpt" in skipped
+    assert "config.json" not in skipped
+
+
+def test_duplicate_steps_keep_one_deterministically(tmp_path: Path) -> None:
+    for name in ("step_100.pt", "model_100.pt", "step_100.safetensors", "step_200.pt"):
+        _touch_weights(tmp_path / "run" / name)
+
+    found = discover(tmp_path)
+
+    assert [c.path.name for c in found.checkpoints] == ["step_100.safetensors", "step_200.pt"]
+    (note,) = [note for note in found.notes if "claim step 100" in note]
+    assert "run run" in note and "kept step_100.safetensors" in note
+    assert "model_100.pt" in note and "step_100.pt" in note
+
+
+def test_file_without_step_is_skipped_with_the_fix(tmp_path: Path) -> None:
+    _touch_weights(tmp_path / "run" / "final.pt")
+    _touch_weights(tmp_path / "run" / "step_3.pt")
+
+    found = discover(tmp_path)
+
+    assert [c.step for c in found.checkpoints] == [3]
+    assert any("final.pt" in note and "step_100.pt" in note for note in found.notes)
+
+
+def test_unreadable_file_without_step_is_a_note_not_a_crash(tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "final.pt").write_bytes(b"garbage")
+    _touch_weights(tmp_path / "run" / "step_3.pt")
+
+    found = discover(tmp_path)
+
+    assert [c.step for c in found.checkpoints] == [3]
+    assert any(note.startswith("skipped final.pt in run run: cannot") for note in found.notes)
+
+
+def _lightning_without_step_name(path: Path) -> None:
+    torch.save({"state_dict": _weights(), "global_step": 42, "epoch": 1}, path / "best.ckpt")
+
+
+def _safetensors_step(path: Path) -> None:
+    _touch_weights(path / "final.safetensors", step="42")
+
+
+def _spectrum_step(path: Path) -> None:
+    _touch_weights(path / "final.safetensors", spectrum=json.dumps({"step": 42, "task": "x"}))
+
+
+def _trainer_state(path: Path) -> None:
+    _touch_weights(path / "final" / "model.safetensors")
+    (path / "final" / "trainer_state.json").write_text(json.dumps({"global_step": 42}))
+
+
+@pytest.mark.parametrize(
+    "make", [_lightning_without_step_name, _safetensors_step, _spectrum_step, _trainer_state]
+)
+def test_step_from_metadata_when_name_has_none(tmp_path: Path, make: Callable) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    make(run)
+
+    (checkpoint,) = discover(tmp_path).checkpoints
+
+    assert (checkpoint.run, checkpoint.step) == ("run", 42)
+
+
+@pytest.mark.parametrize(
+    ("name", "step"),
+    [
+        ("step_1200.pt", 1200),
+        ("step-1200", 1200),
+        ("checkpoint-500", 500),
+        ("epoch=3-step=900.ckpt", 900),
+        ("epoch=3-step=900-v1.ckpt", 900),
+        ("ckpt_epoch_7.pth", 7),
+        ("checkpoint-50.pt", 50),
+        ("model_0003.safetensors", 3),
+        ("iter_000400.pt", 400),
+        ("global_step1200", 1200),
+        ("model_fp16_step_5.safetensors", 5),
+        ("bf16-00012.pt", 12),
+        ("final.pt", None),
+        ("model.safetensors", None),
+    ],
+)
+def test_step_from_name(name: str, step: int | None) -> None:
+    assert step_from_name(name) == step
+
+
+@given(
+    step=st.integers(min_value=0, max_value=10**9),
+    template=st.sampled_from(["step_{}.pt", "epoch=2-step={}.ckpt", "global_step{}", "ckpt-{}"]),
+)
+def test_step_from_name_reads_back_any_step(step: int, template: str) -> None:
+    assert step_from_name(template.format(step)) == step
+
+
+@pytest.mark.parametrize(
+    ("key", "name"),
+    [
+        ("module.fc.weight", "fc.weight"),
+        ("_orig_mod.fc.weight", "fc.weight"),
+        ("module._orig_mod.module.fc.weight", "fc.weight"),
+        ("model.fc.weight", "model.fc.weight"),
+        ("encoder.module.fc.weight", "encoder.module.fc.weight"),
+    ],
+)
+def test_normalise_name(key: str, name: str) -> None:
+    assert normalise_name(key) == name
+
+
+def test_single_file_root_is_one_checkpoint(tmp_path: Path) -> None:
+    _touch_weights(tmp_path / "final.safetensors")
+    _touch_weights(tmp_path / "step_7.pt")
+
+    (unnumbered,) = discover(tmp_path / "final.safetensors").checkpoints
+    (numbered,) = discover(tmp_path / "step_7.pt").checkpoints
+
+    assert unnumbered == Checkpoint("final", 0, tmp_path / "final.safetensors")
+    assert numbered == Checkpoint("step_7", 7, tmp_path / "step_7.pt")
+
+
+def test_checkpoint_directory_root_is_one_checkpoint(tmp_path: Path) -> None:
+    _hf_single(tmp_path)
+
+    (checkpoint,) = discover(tmp_path / "run" / "checkpoint-500").checkpoints
+
+    assert checkpoint == Checkpoint("checkpoint-500", 500, tmp_path / "run" / "checkpoint-500")
+
+
+def test_missing_or_empty_root_is_a_usage_error(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="does not exist"):
+        discover(tmp_path / "nowhere")
+    torch.save({}, tmp_path / "optimizer.pt")
+    (tmp_path / "notes.txt").write_text("no weights here")
+    with pytest.raises(UsageError, match=r"no checkpoint under .*\.safetensors.*optimizer\.pt"):
+        discover(tmp_path)
+    with pytest.raises(UsageError, match="no checkpoint"):
+        discover(tmp_path / "notes.txt")
+
+
+def test_discovery_of_a_thousand_files_reads_no_file(tmp_path: Path) -> None:
+    for run in range(10):
+        for step in range(100):
+            (tmp_path / f"run{run}").mkdir(exist_ok=True)
+            (tmp_path / f"run{run}" / f"step_{step}.pt").write_bytes(b"not read")
+
+    start = time.perf_counter()
+    found = discover(tmp_path)
+
+    assert time.perf_counter() - start < 0.5
+    assert len(found.checkpoints) == 1000
+
+
+_OPTIMIZER = {"state": {0: {"momentum_buffer": torch.ones(2, 4)}}, "param_groups": [{"lr": 0.1}]}
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda w: w,
+        lambda w: {"state_dict": w, "epoch": 3},
+        lambda w: {"epoch": 3, "model_state": w, "optimizer_state": _OPTIMIZER},
+        lambda w: {"model_state_dict": w, "optimizer_state_dict": _OPTIMIZER},
+        lambda w: {"model": w, "optimizer": _OPTIMIZER, "lr_scheduler": {"step": 3}},
+        lambda w: {"module": w},
+        lambda w: {"net": w, "optimizer_states": [_OPTIMIZER]},
+        lambda w: {"network": w, "scheduler": {"last_epoch": torch.tensor(3)}},
+        lambda w: {"model": {"state_dict": w}, "step": 3},
+        lambda w: OrderedDict((f"module._orig_mod.{key}", value) for key, value in w.items()),
+        lambda w: {"state_dict": {f"_orig_mod.{key}": value for key, value in w.items()}},
+    ],
+)
+def test_load_unwraps_containers_and_prefixes(tmp_path: Path, wrap: Callable) -> None:
+    torch.save(wrap(_weights()), tmp_path / "step_1.pt")
+
+    loaded = list(load_tensors(tmp_path / "step_1.pt"))
+
+    assert [name for name, _ in loaded] == list(_weights())
+    _assert_same(loaded, _weights())
+
+
+def test_nested_state_dicts_are_flattened(tmp_path: Path) -> None:
+    nested = {"encoder": {"fc": {"weight": torch.ones(2, 2)}}, "head.weight": torch.zeros(3, 2)}
+    torch.save(nested, tmp_path / "step_1.pt")
+
+    names = [name for name, _ in load_tensors(tmp_path / "step_1.pt")]
+
+    assert names == ["encoder.fc.weight", "head.weight"]
+
+
+def test_model_prefix_is_stripped_only_from_lightning_checkpoints(tmp_path: Path) -> None:
+    hf_style = OrderedDict((f"model.{key}", value) for key, value in _weights().items())
+    torch.save({"state_dict": hf_style}, tmp_path / "plain.pt")
+    lightning = {"state_dict": hf_style, "global_step": 5, "pytorch-lightning_version": "2.4"}
+    torch.save(lightning, tmp_path / "lit.ckpt")
+
+    assert [n for n, _ in load_tensors(tmp_path / "plain.pt")] == list(hf_style)
+    assert [n for n, _ in load_tensors(tmp_path / "lit.ckpt")] == list(_weights())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.int64])
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_load_keeps_dtypes(tmp_path: Path, dtype: torch.dtype, suffix: str) -> None:
+    weights = _weights(dtype=dtype)
+    path = tmp_path / f"step_1{suffix}"
+    save_file(dict(weights), path) if suffix == ".safetensors" else torch.save(weights, path)
+
+    _assert_same(list(load_tensors(path)), weights)
+
+
+def test_legacy_torch_files_load_without_mmap(tmp_path: Path) -> None:
+    torch.save(_weights(), tmp_path / "step_1.pt", _use_new_zipfile_serialization=False)
+
+    loaded = list(load_tensors(tmp_path / "step_1.pt"))
+
+    assert [name for name, _ in loaded] == list(_weights())
+    _assert_same(loaded, _weights())
+
+
+def test_safetensors_order_is_natural_when_the_file_keeps_none(tmp_path: Path) -> None:
+    layers = {f"layers.{i}.weight": torch.ones(2, 2) for i in (10, 2, 1)} | {"embed": torch.ones(1)}
+    save_file(layers, tmp_path / "step_1.safetensors")
+
+    names = [name for name, _ in load_tensors(tmp_path / "step_1.safetensors")]
+
+    assert names == ["embed", "layers.1.weight", "layers.2.weight", "layers.10.weight"]
+
+
+def test_whole_pickled_module_yields_its_state_dict(tmp_path: Path) -> None:
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
+    model.register_buffer("scratch", torch.ones(1), persistent=False)
+    torch.save(model, tmp_path / "step_1.pt")
+
+    loaded = list(load_tensors(tmp_path / "step_1.pt"))
+
+    assert [name for name, _ in loaded] == list(model.state_dict())
+    _assert_same(loaded, model.state_dict())
+
+
+def test_lightning_hyper_parameters_holding_a_module_are_inert(tmp_path: Path) -> None:
+    lightning = {
+        "state_dict": OrderedDict((f"model.{k}", v) for k, v in _weights().items()),
+        "global_step": 7,
+        "pytorch-lightning_version": "2.4",
+        "hyper_parameters": {"loss": torch.nn.CrossEntropyLoss(), "lr": 0.1},
+    }
+    torch.save(lightning, tmp_path / "epoch=0-step=7.ckpt")
+
+    _assert_same(list(load_tensors(tmp_path / "epoch=0-step=7.ckpt")), _weights())
+
+
+class _Payload:
+    """Pickles as a call to ``function(argument)``: what a hostile checkpoint would run."""
+
+    def __init__(self, function: Callable, argument: str) -> None:
+        self.function, self.argument = function, argument
+
+    def __reduce__(self) -> tuple[Callable, tuple[str]]:
+        return self.function, (self.argument,)
+
+
+def _hostile(marker: Path) -> list[tuple[str, object]]:
+    touch = f"touch {marker}"
+    write = f"open({str(marker)!r}, 'w').write('ran')"
+    return [
+        ("os.system", _Payload(os.system, touch)),
+        ("exec", _Payload(exec, write)),
+        ("eval", _Payload(eval, write)),
+    ]
+
+
+@pytest.mark.parametrize("how", ["zip", "legacy", "raw pickle", "discovery"])
+def test_a_malicious_pickle_never_runs(tmp_path: Path, how: str) -> None:
+    marker = tmp_path / "ran"
+    for label, payload in _hostile(marker):
+        path = tmp_path / (f"{label}.pt" if how == "discovery" else f"step_1_{label}.pt")
+        obj = {"state_dict": _weights(), "extra": payload}
+        if how == "raw pickle":
+            path.write_bytes(pickle.dumps(obj, protocol=2))
+        else:
+            torch.save(obj, path, _use_new_zipfile_serialization=how != "legacy")
+
+        try:
+            if how == "discovery":
+                discover(path)
+            else:
+                list(load_tensors(path))
+        except (CheckpointError, UsageError) as error:
+            assert path.name in str(error)
+
+        assert not marker.exists(), f"{label} payload ran ({how})"
+
+
+def _truncated_safetensors(path: Path) -> Path:
+    _touch_weights(path / "step_1.safetensors")
+    data = (path / "step_1.safetensors").read_bytes()
+    (path / "step_1.safetensors").write_bytes(data[: len(data) - 20])
+    return path / "step_1.safetensors"
+
+
+def _truncated_zip(path: Path) -> Path:
+    _touch_weights(path / "step_1.pt")
+    data = (path / "step_1.pt").read_bytes()
+    (path / "step_1.pt").write_bytes(data[: len(data) // 2])
+    return path / "step_1.pt"
+
+
+def _missing_unindexed_shard(path: Path) -> Path:
+    checkpoint = _missing_shard(path)
+    (checkpoint / "model.safetensors.index.json").unlink()
+    return checkpoint
+
+
+def _missing_shard(path: Path) -> Path:
+    _hf_sharded(path)
+    (path / "run" / "checkpoint-10" / "model-00002-of-00002.safetensors").unlink()
+    return path / "run" / "checkpoint-10"
+
+
+def _written(name: str, data: bytes) -> Callable[[Path], Path]:
+    def write(path: Path) -> Path:
+        (path / name).write_bytes(data)
+        return path / name
+
+    return write
+
+
+def _saved(obj: object) -> Callable[[Path], Path]:
+    def save(path: Path) -> Path:
+        torch.save(obj, path / "step_1.pt")
+        return path / "step_1.pt"
+
+    return save
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        _written("step_1.pt", b""),
+        _written("step_1.safetensors", b""),
+        _written("step_1.pt", bytes(range(256)) * 4),
+        _written("step_1.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}......"),
+        _written("step_1.safetensors", (2**40).to_bytes(8, "little") + b"{}"),
+        _truncated_safetensors,
+        _truncated_zip,
+        _missing_shard,
+        _missing_unindexed_shard,
+        _saved({"module.fc.weight": torch.ones(1), "fc.weight": torch.ones(1)}),
+        _saved({"epoch": 3, "optimizer_state": _OPTIMIZER}),
+        _saved([1, 2, 3]),
+    ],
+    ids=[
+        "empty-pt",
+        "empty-safetensors",
+        "garbage-pt",
+        "garbage-safetensors",
+        "huge-header",
+        "truncated-safetensors",
+        "truncated-zip",
+        "missing-shard",
+        "missing-unindexed-shard",
+        "two-keys-one-layer",
+        "no-weights",
+        "not-a-dict",
+    ],
+)
+def test_unreadable_input_is_a_checkpoint_error_naming_the_path(
+    tmp_path: Path, make: Callable[[Path], Path]
+) -> None:
+    path = make(tmp_path)
+
+    with pytest.raises(CheckpointError) as raised:
+        list(load_tensors(path))
+
+    assert str(path) in str(raised.value)
+
+
+def test_read_metadata(tmp_path: Path) -> None:
+    _touch_weights(tmp_path / "a.safetensors", step="3", task="mnist")
+    _touch_weights(tmp_path / "b.safetensors")
+    _touch_weights(tmp_path / "c.pt")
+    _hf_sharded(tmp_path)
+    shard = tmp_path / "run" / "checkpoint-10" / "model-00001-of-00002.safetensors"
+    save_file({"fc2.weight": _weights()["fc2.weight"]}, shard, metadata={"format": "pt"})
+
+    assert read_metadata(tmp_path / "a.safetensors") == {"step": "3", "task": "mnist"}
+    assert read_metadata(tmp_path / "b.safetensors") == {}
+    assert read_metadata(tmp_path / "c.pt") == {}
+    assert read_metadata(tmp_path / "run" / "checkpoint-10") == {"format": "pt"}
+
+
+@pytest.mark.skipif(not (REAL / "mnist-two-seeds").is_dir(), reason="real checkpoints absent")
+def test_real_mnist_checkpoints() -> None:
+    found = discover(REAL / "mnist-two-seeds")
+
+    runs = {c.run for c in found.checkpoints}
+    assert runs == {"edpt1", "edpt2"}
+    for run in runs:
+        assert [c.step for c in found.checkpoints if c.run == run] == [0, 50, 100, 150, 200]
+    shapes = {name: tuple(t.shape) for name, t in load_tensors(found.checkpoints[-1].path)}
+    assert shapes == {
+        "0.weight": (32, 1, 3, 3),
+        "0.bias": (32,),
+        "3.weight": (64, 32, 3, 3),
+        "3.bias": (64,),
+        "7.weight": (10, 1600),
+        "7.bias": (10,),
+    }
