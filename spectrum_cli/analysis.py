@@ -22,6 +22,9 @@ from spectrum_cli.store import LayerResult, Store
 
 log = logging.getLogger(__name__)
 
+# Below this many checkpoint bytes, local workers are threads of this process.
+SMALL_JOB_BYTES = 64 << 20
+
 
 @dataclass
 class CheckpointOutcome:
@@ -206,12 +209,14 @@ def _run_tasks(todo: list[Checkpoint], top_k: int, workers, scheduler, device):
         client = Client(scheduler)
         threads = 1
     else:
+        # Small jobs run on worker threads in this process: no worker start-up to pay for.
+        small = sum(_size(c) for c in todo) < SMALL_JOB_BYTES
         n_workers = max(1, min(workers or cores, len(todo)))
         threads = max(1, cores // n_workers)
         cluster = LocalCluster(
             n_workers=n_workers,
             threads_per_worker=1,
-            processes=True,
+            processes=not small,
             dashboard_address=None,
             silence_logs=logging.ERROR,
         )

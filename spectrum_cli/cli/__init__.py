@@ -49,8 +49,11 @@ def _root(
     _state["verbose"] = verbose
     level = logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING
     handler = RichHandler(console=err_console, show_time=False, show_path=False)
+    handler.setLevel(level)
     logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s")
     logging.getLogger("spectrum_cli").setLevel(level)
+    for noisy in ("distributed", "dask"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.ERROR)
     err_console.quiet = quiet
 
 
