@@ -1,0 +1,311 @@
+"""``spectrum rank``, ``stability``, ``align`` and ``report``: spectral dynamics from a store.
+
+Each command selects runs and layers, asks :mod:`spectrum_cli.dynamics` for one series per
+run and layer, and renders them: a summary table that fits a terminal (one line per run and
+layer), every (run, layer, step) row as CSV or JSON, and figures on request.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from spectrum_cli.cli.output import Format, console, err_console, print_csv, print_json
+
+_STORE = typer.Argument(Path("spectrum.zarr"), help="The spectra store `spectrum analyze` wrote.")
+_RUNS = typer.Option(None, "--run", "-r", metavar="RUN", help="Only this run (repeat for more).")
+_LAYERS = typer.Option(
+    None,
+    "--layers",
+    "-l",
+    metavar="REGEX",
+    help="Only layers whose name matches this regular expression.",
+)
+_FORMAT = typer.Option(
+    Format.table, "--format", help="table (a summary), or every row as csv or json."
+)
+_PLOT = typer.Option(
+    None,
+    "--plot",
+    metavar="FILE.png",
+    help="Also draw a PNG here; with several runs, one file per run (FILE-<run>.png).",
+)
+_TOP = typer.Option(
+    None,
+    "--top",
+    min=1,
+    metavar="N",
+    help="Diagonal entries to report per step (default: every stored vector). "
+    "The score is always the mean of the first 10.",
+)
+
+
+class Reference(str, Enum):
+    """What each step's singular vectors are compared with."""
+
+    final = "final"
+    previous = "previous"
+
+
+def rank(
+    store: Path = _STORE,
+    runs: list[str] = _RUNS,
+    layers: str = _LAYERS,
+    output: Format = _FORMAT,
+    plot: Path = _PLOT,
+    metrics: Path = typer.Option(
+        None,
+        "--metrics",
+        metavar="FILE.csv",
+        help="Training log (CSV with step, train_loss, val_acc, …) to draw beside the curves. "
+        "By default metrics.csv is looked for beside each run's checkpoints.",
+    ),
+) -> None:
+    """Show effective rank, stable rank and norms of every layer over training.
+
+    Effective rank is Roy & Vetterli's exp(−Σ p_i ln p_i) with p_i = σ_i / Σσ; it is also given
+    divided by min(m, n). Reads the singular values only.
+    """
+    from spectrum_cli.dynamics import rank_series, rows, select, sparkline
+    from spectrum_cli.errors import UsageError
+    from spectrum_cli.store import Store
+
+    if metrics is not None and not metrics.is_file():
+        raise UsageError(f"--metrics {metrics} is not a file; pass a CSV training log")
+    opened = Store.open(store)
+    series = rank_series(opened, select(opened, runs, layers))
+
+    _emit(
+        output,
+        rows(series),
+        headers=("run", "layer", "m×n", "steps", "first", "last", "min", "norm.", "trend"),
+        table=[
+            (
+                one.run,
+                one.layer,
+                f"{one.shape[0]}×{one.shape[1]}",
+                _span(one.steps),
+                _number(one.metrics["effective_rank"][0]),
+                _number(one.metrics["effective_rank"][-1]),
+                _number(one.metrics["effective_rank"].min()),
+                _number(one.metrics["normalized_effective_rank"][-1], 3),
+                sparkline(one.metrics["effective_rank"]),
+            )
+            for one in series
+        ],
+        title=f"{store}: effective rank (first, last, min; norm. = last / min(m, n))",
+    )
+    if plot is not None:
+        from spectrum_cli.dynamics import training_metrics
+        from spectrum_cli.plots import rank_figure
+
+        _plot(
+            plot,
+            series,
+            lambda run, mine: rank_figure(run, mine, training_metrics(opened, run, metrics)),
+        )
+
+
+def stability(
+    store: Path = _STORE,
+    reference: Reference = typer.Option(
+        Reference.final, "--reference", help="Compare each step with the final or previous step."
+    ),
+    top: int = _TOP,
+    runs: list[str] = _RUNS,
+    layers: str = _LAYERS,
+    output: Format = _FORMAT,
+    plot: Path = _PLOT,
+) -> None:
+    """Show when singular directions settle: agreement with the final (or previous) step.
+
+    S_ij(t) = |(u_i(t)·u_j(T)) (v_i(t)·v_j(T))|; rows give the diagonal S_ii and the score,
+    the mean of its first 10 entries. The table says from which step the score stays ≥ 0.9.
+    """
+    from spectrum_cli.dynamics import SETTLED, rows, select, sparkline, stability_series
+    from spectrum_cli.store import Store
+
+    opened = Store.open(store)
+    series = stability_series(opened, select(opened, runs, layers), reference.value, top)
+    _emit(
+        output,
+        rows(series),
+        headers=("run", "layer", "steps", "first", "min", f"≥ {SETTLED} from", "trend"),
+        table=[
+            (
+                one.run,
+                one.layer,
+                _span(one.steps),
+                _number(one.score[0], 3),
+                _number(one.score.min(), 3),
+                _optional(one.settled_step()),
+                sparkline(one.score),
+            )
+            for one in series
+        ],
+        title=f"{store}: top-10 agreement score with the {reference.value} step",
+    )
+    if plot is not None:
+        from spectrum_cli.plots import stability_figure
+
+        _plot(plot, series, lambda run, mine: stability_figure(run, mine, reference.value))
+
+
+def align(
+    store: Path = _STORE,
+    pairs: list[str] = typer.Option(
+        None,
+        "--pair",
+        metavar="LAYER_A:LAYER_B",
+        help="Align these two layers, as LAYER_A:LAYER_B (repeat for more). By default every "
+        "pair of consecutive layers whose sizes connect.",
+    ),
+    top: int = _TOP,
+    runs: list[str] = _RUNS,
+    layers: str = _LAYERS,
+    output: Format = _FORMAT,
+    plot: Path = _PLOT,
+) -> None:
+    """Show how consecutive layers align: A_jj = |u_j(W_l) · v_j(W_l+1)| per step.
+
+    Pairs connect by size in the checkpoint's tensor order (a dense layer taking as many
+    inputs as the one before gives outputs; a convolution after a convolution, compared at the
+    centre of its kernel). The score is the mean of the first 10 diagonal entries.
+    """
+    from spectrum_cli.dynamics import alignment_series, rows, select, sparkline
+    from spectrum_cli.errors import UsageError
+    from spectrum_cli.metrics.alignment import CONVOLUTION
+    from spectrum_cli.store import Store
+
+    opened = Store.open(store)
+    series = alignment_series(opened, select(opened, runs, layers), pairs, top)
+    if not series:
+        raise UsageError(
+            f"no consecutive layers of the chosen runs in {store} connect by size; "
+            "name pairs with --pair LAYER_A:LAYER_B"
+        )
+    _emit(
+        output,
+        rows(series),
+        headers=("run", "layer", "next layer", "via", "steps", "first", "last", "max", "trend"),
+        table=[
+            (
+                one.run,
+                one.layer,
+                one.extra["next_layer"],
+                "conv" if one.extra["connection"] == CONVOLUTION else one.extra["connection"],
+                _span(one.steps),
+                _number(one.score[0], 3),
+                _number(one.score[-1], 3),
+                _number(one.score.max(), 3),
+                sparkline(one.score),
+            )
+            for one in series
+        ],
+        title=f"{store}: top-10 alignment score of consecutive layers",
+    )
+    if plot is not None:
+        from spectrum_cli.plots import alignment_figure
+
+        _plot(plot, series, alignment_figure)
+
+
+def report(
+    store: Path = _STORE,
+    out: Path = typer.Option(
+        Path("spectrum-report"),
+        "--out",
+        "-o",
+        metavar="DIR",
+        help="Folder to write index.html into.",
+    ),
+    metrics: Path = typer.Option(
+        None,
+        "--metrics",
+        metavar="FILE.csv",
+        help="Training log to use for every run (default: each run's own metrics.csv).",
+    ),
+) -> None:
+    """Write one self-contained HTML page of figures and tables for a whole store.
+
+    Rank, stability (against the final step) and alignment for every run, with what was
+    analysed and how. Images are embedded, so the page reads offline as one file.
+    """
+    from spectrum_cli.errors import UsageError
+    from spectrum_cli.report import write_report
+
+    if metrics is not None and not metrics.is_file():
+        raise UsageError(f"--metrics {metrics} is not a file; pass a CSV training log")
+    path = write_report(store, out, metrics=metrics)
+    console.print(str(path), markup=False)
+
+
+# ---------------------------------------------------------------------------- rendering
+
+
+def _emit(
+    output: Format,
+    rows: list[dict[str, Any]],
+    headers: tuple[str, ...],
+    table: list[tuple[str, ...]],
+    title: str,
+) -> None:
+    """Every row as JSON or CSV, or the one-line-per-layer summary as a table."""
+    if output is Format.json:
+        print_json(rows)
+    elif output is Format.csv:
+        from spectrum_cli.dynamics import flat_rows
+
+        print_csv(flat_rows(rows))
+    else:
+        from rich import box
+        from rich.table import Table
+
+        summary = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+        for header in headers:
+            text = header in ("run", "layer", "next layer", "via")
+            summary.add_column(header, justify="left" if text else "right", overflow="fold")
+        for line in table:
+            summary.add_row(*line)
+        console.print(summary)
+
+
+def _plot(plot: Path, series: list, figure_of) -> None:
+    """Draw one figure per run: to ``plot`` itself for one run, else ``plot``-<run>.png."""
+    from spectrum_cli.plots import save_png
+
+    by_run: dict[str, list] = {}
+    for one in series:
+        by_run.setdefault(one.run, []).append(one)
+    for run, mine in by_run.items():
+        path = plot if len(by_run) == 1 else plot.with_name(f"{plot.stem}-{_slug(run)}.png")
+        save_png(figure_of(run, mine), path)
+        err_console.print(f"wrote {path}", markup=False)
+
+
+def _slug(run: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", run).strip("_") or "run"
+
+
+def _span(steps) -> str:
+    return f"{int(steps[0])}..{int(steps[-1])} ({len(steps)})" if len(steps) else "none"
+
+
+def _number(value: float, digits: int = 1) -> str:
+    return f"{value:.{digits}f}"
+
+
+def _optional(value: int | None) -> str:
+    return "never" if value is None else str(value)
+
+
+def register(app: typer.Typer) -> None:
+    """Add this module's commands to the app."""
+    app.command()(rank)
+    app.command()(stability)
+    app.command()(align)
+    app.command()(report)

@@ -1,0 +1,143 @@
+"""``spectrum report``: one self-contained page, checked as text and in a headless browser."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from spectrum_cli import __version__
+from spectrum_cli.cli import app
+
+# analyze's in-process Dask scheduler binds the default HTTP port 8787 and warns when another
+# cluster on this machine holds it; that says nothing about the spectra tested here.
+pytestmark = pytest.mark.filterwarnings("ignore:Port 8787 is already in use:UserWarning")
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+# Run in the browser before the page's own content: record errors, then, once loaded, the
+# state of every image, into an element that --dump-dom prints.
+CHECK = """<script>
+window.__errors = [];
+window.addEventListener("error",
+  e => window.__errors.push(String(e.message || e.target.src)), true);
+window.addEventListener("load", () => {
+  const images = [...document.images].map(i => i.complete && i.naturalWidth > 0);
+  const out = document.createElement("pre");
+  out.id = "report-check";
+  out.textContent = JSON.stringify({images, errors: window.__errors});
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+@pytest.fixture(scope="module")
+def report_page(tmp_path_factory) -> tuple[Path, Path]:
+    """Two runs of a small conv + dense network, analysed, with a training log for one."""
+    from safetensors.numpy import save_file
+
+    from spectrum_cli.analysis import analyze
+
+    root = tmp_path_factory.mktemp("report") / "runs"
+    rng = np.random.default_rng(0)
+    for run in ("seed-1", "seed-2"):
+        for step in (0, 50, 100):
+            weights = {
+                "conv1.weight": rng.standard_normal((8, 3, 3, 3)),
+                "conv2.weight": rng.standard_normal((16, 8, 3, 3)),
+                "fc1.weight": rng.standard_normal((32, 16)),
+                "fc2.weight": rng.standard_normal((10, 32)),
+            }
+            (root / run).mkdir(parents=True, exist_ok=True)
+            save_file(
+                {k: v.astype(np.float32) for k, v in weights.items()},
+                root / run / f"step_{step}.safetensors",
+            )
+    (root / "seed-1" / "metrics.csv").write_text(
+        "step,train_loss,train_acc,val_loss,val_acc\n"
+        "0,2.3,0.1,2.3,0.1\n50,0.5,0.8,0.7,0.75\n100,0.1,0.97,0.6,0.8\n"
+    )
+    store = root.parent / "s.zarr"
+    assert analyze(root, store, top_k=8).ok
+    out = root.parent / "report"
+    result = CliRunner().invoke(app, ["report", str(store), "--out", str(out)])
+    assert result.exit_code == 0, result.exception
+    assert result.stdout.strip() == str(out / "index.html")
+    return store, out / "index.html"
+
+
+def test_report_holds_figures_tables_and_provenance(report_page):
+    store, page = report_page
+    text = page.read_text(encoding="utf-8")
+    assert text.startswith("<!doctype html>")
+
+    # Three figures per run, all embedded PNG; nothing fetched from anywhere.
+    sources = re.findall(r"<img [^>]*src='([^']*)'", text)
+    assert len(sources) == 6
+    for source in sources:
+        assert source.startswith("data:image/png;base64,")
+        assert base64.b64decode(source.split(",", 1)[1]).startswith(b"\x89PNG")
+    assert not re.search(r"(src|href)=['\"](https?:|//|file:)", text)
+    assert "<script" not in text
+
+    # What was analysed and how.
+    for expected in (
+        str(store.resolve()),
+        "seed-1",
+        "seed-2",
+        "conv2.weight",
+        "16×72",
+        "0..100 (3)",
+        f"spectrum {__version__}",
+        "Roy &amp; Vetterli",
+        "metrics.csv",
+    ):
+        assert expected in text, expected
+    assert "none found" in text  # seed-2 has no training log
+    assert text.count("<h2 id='run-") == 2
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium")
+def test_report_renders_in_a_headless_browser(report_page, tmp_path):
+    _, page = report_page
+    checked = tmp_path / "checked.html"
+    checked.write_text(page.read_text().replace("<head>", "<head>" + CHECK, 1))
+
+    done = subprocess.run(
+        [
+            str(CHROMIUM),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--enable-logging=stderr",
+            "--v=0",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+            checked.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    found = re.search(r'<pre id="report-check">(.*?)</pre>', done.stdout, re.S)
+    assert found, done.stdout[-2000:]
+    state = json.loads(html.unescape(found.group(1)))
+    assert state["images"] == [True] * 6
+    assert state["errors"] == []
+    console = [line for line in done.stderr.splitlines() if ":CONSOLE" in line]
+    assert console == []
