@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterator
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from spectrum_cli.checkpoints import Checkpoint, discover
-from spectrum_cli.errors import SpectrumError
+from spectrum_cli.errors import SpectrumError, UsageError
 from spectrum_cli.store import LayerResult, Store
 
 log = logging.getLogger(__name__)
@@ -155,70 +157,106 @@ def analyze(
         ``auto``, ``cpu`` or ``cuda``, as each worker resolves it.
     on_found, on_done
         Progress callbacks: the number of checkpoints to decompose, then each one finished.
+
+    Returns
+    -------
+    Summary
+        What was found, stored and failed. A checkpoint that cannot be read, or a matrix that
+        cannot be decomposed, is a failure listed here, not an exception.
+
+    Raises
+    ------
+    UsageError
+        When ``root`` holds no checkpoint, ``device`` does not exist here, or ``scheduler`` is
+        not an address.
+    StoreError
+        When the store is locked by another writer, not a spectra store, or keeps another
+        number of singular vectors.
+    SpectrumError
+        When the scheduler cannot be reached.
     """
     started = time.perf_counter()
     root = root.resolve()
+    if scheduler is None:
+        _check_device(device)
     found = discover(root)
     summary = Summary(store=str(store_path), notes=list(found.notes))
-    summary.runs = len({c.run for c in found.checkpoints})
-    summary.checkpoints = len(found.checkpoints)
+    checkpoints = _outside(found.checkpoints, store_path, summary.notes)
+    summary.runs = len({c.run for c in checkpoints})
+    summary.checkpoints = len(checkpoints)
 
-    with Store.writing(store_path, top_k) as store:
+    with _remote(scheduler) as client, Store.writing(store_path, top_k) as store:
         # Allocate rows for every step first, then decompose what is not stored yet.
         by_run: dict[str, list[Checkpoint]] = defaultdict(list)
-        for checkpoint in found.checkpoints:
+        for checkpoint in checkpoints:
             by_run[checkpoint.run].append(checkpoint)
         todo: list[Checkpoint] = []
-        for run, checkpoints in by_run.items():
-            store.add_steps(run, [c.step for c in checkpoints])
+        for run, in_run in by_run.items():
+            store.add_steps(run, [c.step for c in in_run])
             stored = set(store.done_steps(run))
-            todo += [c for c in checkpoints if c.step not in stored]
+            todo += [c for c in in_run if c.step not in stored]
         summary.already_stored = summary.checkpoints - len(todo)
         if on_found:
             on_found(len(todo))
 
-        for checkpoint, outcome in _run_tasks(todo, top_k, workers, scheduler, device):
-            where = f"{checkpoint.path} (run {checkpoint.run}, step {checkpoint.step})"
-            if outcome.error is not None:
-                summary.failed_checkpoints.append(f"{where}: {outcome.error}")
-            elif not outcome.results:
-                summary.failed_checkpoints.append(f"{where}: no weight matrices in it")
-            else:
-                source = {"path": _relative(checkpoint.path, root), "bytes": _size(checkpoint)}
-                store.write_checkpoint(checkpoint.run, checkpoint.step, outcome.results, source)
-                summary.analysed += 1
-                summary.matrices += len(outcome.results)
-                summary.failed_matrices += [
-                    f"{where} layer {r.layer}: {r.failure}" for r in outcome.results if r.failure
-                ]
-            if on_done:
-                on_done(checkpoint)
+        with closing(_run_tasks(todo, top_k, device, workers, client)) as tasks:
+            for checkpoint, outcome in tasks:
+                _record(store, summary, checkpoint, outcome, root)
+                if on_done:
+                    on_done(checkpoint)
+
+    # Report failures in the order of paths and steps, not in the order workers finished.
+    summary.failed_checkpoints.sort(key=_natural_order)
+    summary.failed_matrices.sort(key=_natural_order)
     summary.seconds = time.perf_counter() - started
     return summary
 
 
-def _run_tasks(todo: list[Checkpoint], top_k: int, workers, scheduler, device):
-    """Yield (checkpoint, outcome) as Dask workers finish them."""
+def _record(
+    store: Store, summary: Summary, checkpoint: Checkpoint, outcome: CheckpointOutcome, root: Path
+) -> None:
+    """Write one checkpoint's outcome to the store and count it in the summary."""
+    where = f"{checkpoint.path} (run {checkpoint.run}, step {checkpoint.step})"
+    if outcome.error is not None:
+        summary.failed_checkpoints.append(f"{where}: {outcome.error}")
+        return
+    if not outcome.results:
+        summary.failed_checkpoints.append(f"{where}: no weight matrices in it")
+        return
+    source = {"path": _relative(checkpoint.path, root), "bytes": _size(checkpoint)}
+    failures = store.write_checkpoint(checkpoint.run, checkpoint.step, outcome.results, source)
+    summary.analysed += 1
+    summary.matrices += len(outcome.results)
+    summary.failed_matrices += [f"{where} layer {layer}: {why}" for layer, why in failures.items()]
+
+
+def _run_tasks(
+    todo: list[Checkpoint], top_k: int, device: str, workers: int | None, client: Any
+) -> Generator[tuple[Checkpoint, CheckpointOutcome], None, None]:
+    """Yield (checkpoint, outcome) as Dask workers finish them.
+
+    With ``client`` None, the work runs on a cluster of this machine started for it.
+    """
     if not todo:
         return
     from distributed import Client, LocalCluster, as_completed
 
-    cores = os.cpu_count() or 1
-    if scheduler:
-        cluster = None
-        client = Client(scheduler)
-        threads = 1
-    else:
+    cluster = None
+    threads = 1
+    if client is None:
         # Small jobs run on worker threads in this process: no worker start-up to pay for.
+        cores = os.cpu_count() or 1
         small = sum(_size(c) for c in todo) < SMALL_JOB_BYTES
         n_workers = max(1, min(workers or cores, len(todo)))
         threads = max(1, cores // n_workers)
+        # No dashboard; the scheduler's HTTP server (which it starts regardless) takes any free
+        # port on the loopback rather than 8787, which another Dask process may hold.
         cluster = LocalCluster(
             n_workers=n_workers,
             threads_per_worker=1,
             processes=not small,
-            dashboard_address=None,
-            silence_logs=logging.ERROR,
+            silence_logs=logging.CRITICAL,
+            scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"},
         )
         client = Client(cluster)
     try:
@@ -227,17 +265,78 @@ def _run_tasks(todo: list[Checkpoint], top_k: int, workers, scheduler, device):
             for c in todo
         }
         for future in as_completed(futures):
-            if future.status == "error":
-                error = future.exception()
-                outcome = CheckpointOutcome(error=f"{type(error).__name__}: {error}")
-            else:
+            # A task that raised, or whose worker died, fails its checkpoint and no other.
+            try:
                 outcome = future.result()
+            except Exception as error:
+                outcome = CheckpointOutcome(error=f"{type(error).__name__}: {error}")
             yield futures[future], outcome
             future.release()
     finally:
-        client.close()
         if cluster is not None:
+            client.close()
             cluster.close()
+
+
+@contextmanager
+def _remote(scheduler: str | None) -> Iterator[Any]:
+    """A client of the scheduler at ``scheduler`` for the duration, or None without one."""
+    if scheduler is None:
+        yield None
+        return
+    client = _connect(scheduler)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def _connect(scheduler: str) -> Any:
+    """A client of the Dask scheduler at ``scheduler``, or a SpectrumError saying why not.
+
+    How long to try is Dask's setting ``distributed.comm.timeouts.connect`` (30 s unless set,
+    e.g. by ``DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT=5s``).
+    """
+    from distributed import Client
+
+    try:
+        return Client(scheduler)
+    except ValueError as error:
+        raise UsageError(
+            f"--scheduler {scheduler!r} is not a Dask scheduler address ({error}); "
+            "expected e.g. tcp://host:8786"
+        ) from None
+    except (OSError, TimeoutError) as error:
+        raise SpectrumError(
+            f"cannot reach the Dask scheduler at {scheduler}: {error}; start one with "
+            "`dask scheduler`, or leave out --scheduler to use this machine"
+        ) from None
+
+
+def _check_device(device: str) -> None:
+    """Refuse a device this machine lacks before any work is sent to local workers."""
+    from spectrum_cli.spectra import resolve_device
+
+    try:
+        resolve_device(device)
+    except (SpectrumError, RuntimeError) as error:
+        raise UsageError(str(error)) from None
+
+
+def _outside(checkpoints: list[Checkpoint], store_path: Path, notes: list[str]) -> list[Checkpoint]:
+    """The checkpoints that are not inside the store (the store may sit among the runs)."""
+    store = store_path.resolve()
+    kept = [c for c in checkpoints if not c.path.resolve().is_relative_to(store)]
+    if len(kept) < len(checkpoints):
+        notes.append(f"skipped {len(checkpoints) - len(kept)} files inside the store {store}")
+    if not kept:
+        raise UsageError(f"no checkpoint outside the store {store}; give the folder of runs")
+    return kept
+
+
+def _natural_order(text: str) -> list[tuple[int, str]]:
+    """Sort key that puts ``step_2`` before ``step_10``."""
+    return [(int(part), "") if part.isdigit() else (0, part) for part in re.split(r"(\d+)", text)]
 
 
 def _relative(path: Path, root: Path) -> str:

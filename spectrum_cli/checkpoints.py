@@ -518,9 +518,18 @@ def _describe_load_failure(file: Path, error: Exception) -> str:
             f"cannot read {file} without running code: it names {named.group(1)}; "
             "re-save the weights with torch.save(model.state_dict(), path) or as safetensors"
         )
-    lines = [line for line in text.splitlines() if line.strip()]
-    detail = lines[-1] if len(lines) > 1 and "Weights only" in lines[0] else (lines or [""])[0]
-    return f"cannot read {file} as a torch.save checkpoint: {detail or type(error).__name__}"
+    # Keep PyTorch's diagnosis, not its advice: the weights-only unpickler's last line once its
+    # pointer to the documentation is dropped, or the first sentence of any other error.
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith("Check the documentation")]
+    if len(lines) > 1 and "Weights only" in lines[0]:
+        detail = lines[-1]
+    else:
+        detail = (lines or [""])[0].split(". ")[0]
+    return (
+        f"cannot read {file} as a torch.save checkpoint ({detail or type(error).__name__}); "
+        "the file is damaged or was not written by torch.save"
+    )
 
 
 class _StandIn:

@@ -14,15 +14,27 @@ A Zarr v3 directory that other tools can read without spectrum::
       attrs: steps (row order), layers (tensor order), checkpoints {step: source}
 
 Rows are allocated per run, so every layer of a run shares one row per step. Rows are in the
-order the steps were added (sorted within one ``analyze``); readers sort by step. A checkpoint
-counts as done only once its ``checkpoints`` entry is written, after all its rows: a run killed
-part-way leaves rows that the next ``analyze`` overwrites. Zarr's local store replaces each
-file atomically, and one writer at a time holds the lock file beside the store.
+order the steps were added (sorted within one ``analyze``); readers sort by step. Layers are
+listed in the checkpoints' tensor order, a layer first seen in a later checkpoint after the
+layer it follows there, whatever order the checkpoints are written in. A layer's shapes and
+dtype are those of the first checkpoint written with it; a later step whose matrix has another
+shape is stored as failed.
+
+Crash safety: a checkpoint counts as done only once its ``checkpoints`` entry is written, after
+all its rows. Readers take a row's status from its array only for done steps and read every
+other row as not computed, so a run killed part-way leaves rows that nobody reads and that the
+next ``analyze`` overwrites. Every step that changes more than one document is ordered so that
+the one which makes it visible comes last (a new layer is listed after its arrays exist), and
+every document is written whole: Zarr's local store writes a temporary file and renames it,
+and the writer removes the temporary files a killed run left. One writer at a time holds the
+lock file beside the store.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -48,6 +60,8 @@ ARRAYS: dict[str, tuple[str, tuple[str, ...]]] = {
     "status": ("uint8", ("step",)),
 }
 _ROWS_PER_CHUNK = {"step": 1024, "status": 1024, "sigma": 64, "u": 1, "v": 1}
+# The temporary name Zarr's local store writes a document under before renaming it.
+_PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")
 
 
 @dataclass(frozen=True)
@@ -77,6 +91,7 @@ class LayerRows:
 
 def lock_path(path: Path) -> Path:
     """The lock file that one writer holds: beside the store, not inside it."""
+    path = Path(os.path.abspath(path))  # `--store .` has a name too
     return path.with_name(path.name + ".lock")
 
 
@@ -116,6 +131,8 @@ class Store:
         from filelock import FileLock, Timeout
 
         path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise StoreError(f"{path} is a file, not a spectra store; pass another --store")
         lock = FileLock(str(lock_path(path)))
         try:
             lock.acquire(timeout=0)
@@ -123,6 +140,11 @@ class Store:
             raise StoreError(
                 f"{path} is being written by another spectrum process (lock {lock_path(path)}); "
                 "wait for it to finish or pass another --store"
+            ) from None
+        except OSError as error:
+            raise StoreError(
+                f"cannot create the lock file {lock_path(path)}: {error.strerror}; "
+                "pass a --store in a folder you can write to"
             ) from None
         try:
             if (path / "zarr.json").is_file():
@@ -134,20 +156,21 @@ class Store:
                         f"{path} keeps the top {attrs['top_k']} singular vectors, not {top_k}; "
                         f"pass --top-k {attrs['top_k']} or another --store"
                     )
-            elif path.exists() and any(path.iterdir()):
+                _remove_partial_files(path)
+            elif path.exists() and any(not _PARTIAL.search(p.name) for p in path.iterdir()):
                 raise StoreError(
                     f"{path} exists and is not a spectra store; pass another --store or remove it"
                 )
             else:
-                root = zarr.open_group(path, mode="w")
-                root.attrs.update(
-                    {
-                        "spectrum_format": FORMAT,
-                        "spectrum_version": __version__,
-                        "top_k": top_k,
-                        "runs": [],
-                    }
-                )
+                # One document: a store killed while being created is empty or complete
+                # (or holds the temporary file of that document, which mode "w" removes).
+                attributes: dict[str, Any] = {
+                    "spectrum_format": FORMAT,
+                    "spectrum_version": __version__,
+                    "top_k": top_k,
+                    "runs": [],
+                }
+                root = zarr.open_group(path, mode="w", attributes=attributes)
             yield cls(path, root, writable=True)
         finally:
             lock.release()
@@ -195,10 +218,16 @@ class Store:
 
     def status(self, run: str, layer: str) -> tuple[np.ndarray, np.ndarray]:
         """(steps, status) of every allocated row, sorted by step."""
-        group = self._layer_group(run, layer)
-        steps, status = group["step"][:], group["status"][:]
+        steps, status = self._row_status(run, layer)
         order = np.argsort(steps, kind="stable")
         return steps[order], status[order]
+
+    def _row_status(self, run: str, layer: str) -> tuple[np.ndarray, np.ndarray]:
+        """(steps, status) in row order; rows of steps not done read as not computed."""
+        group = self._layer_group(run, layer)
+        steps, status = group["step"][:], group["status"][:]
+        done = np.isin(steps, np.asarray(self.done_steps(run), dtype=np.int64))
+        return steps, np.where(done, status, NOT_COMPUTED).astype(np.uint8)
 
     def read(self, run: str, layer: str, fields: tuple[str, ...] = ("sigma",)) -> LayerRows:
         """Read the done rows of one layer, sorted by step; only the named arrays are read.
@@ -209,7 +238,7 @@ class Store:
             Any of ``"sigma"``, ``"u"``, ``"v"``.
         """
         group = self._layer_group(run, layer)
-        steps, status = group["step"][:], group["status"][:]
+        steps, status = self._row_status(run, layer)
         rows = np.flatnonzero(status == DONE)
         rows = rows[np.argsort(steps[rows], kind="stable")]
         out: dict[str, np.ndarray] = {}
@@ -237,34 +266,56 @@ class Store:
         new = [s for s in sorted(set(steps)) if s not in set(known)]
         if new:
             group.attrs["steps"] = known + new
-            for layer in self.layers(run):
-                self._ensure_rows(group[layer], known + new)
+        for layer in self.layers(run):
+            self._ensure_rows(group[layer], known + new)
 
     def write_checkpoint(
         self, run: str, step: int, results: list[LayerResult], source: dict[str, Any]
-    ) -> None:
-        """Write one checkpoint's rows for every layer, then mark the step done."""
+    ) -> dict[str, str]:
+        """Write one checkpoint's rows for every layer, then mark the step done.
+
+        Returns
+        -------
+        dict of str to str
+            The layers stored as failed at this step, with the reason: those whose result is a
+            failure, and those whose matrix shape differs from the one stored earlier.
+        """
         self._require_writable()
         group = self._root[run]
         steps = list(group.attrs["steps"])
         row = steps.index(step)
+
+        # Create the layers seen for the first time, then list them in the checkpoint's order.
+        known = list(group.attrs.get("layers", []))
         for result in results:
-            self._write_row(group, steps, row, step, result)
+            if result.layer not in known:
+                self._create_layer(group, steps, result)
+        layers = _merge_order(known, [result.layer for result in results])
+        if layers != known:
+            group.attrs["layers"] = layers
+
+        # Write every row, then mark the step done.
+        failures = {}
+        for result in results:
+            failure = self._write_row(group[result.layer], steps, row, step, result)
+            if failure is not None:
+                failures[result.layer] = failure
         checkpoints = dict(group.attrs.get("checkpoints", {}))
         checkpoints[str(step)] = source
         group.attrs["checkpoints"] = checkpoints
+        return failures
 
     def _write_row(
-        self, group: Any, steps: list[int], row: int, step: int, result: LayerResult
-    ) -> None:
-        layer = self._require_layer(group, steps, result)
+        self, layer: Any, steps: list[int], row: int, step: int, result: LayerResult
+    ) -> str | None:
+        self._ensure_rows(layer, steps)
         stored = tuple(layer.attrs["matrix_shape"])
         failures = dict(layer.attrs.get("failures", {}))
         failure = result.failure
         if failure is None and tuple(result.matrix_shape) != stored:
             failure = (
                 f"matrix shape {tuple(result.matrix_shape)} differs from the "
-                f"{stored} stored for earlier steps"
+                f"{stored} stored for this layer at other steps"
             )
         if failure is None:
             layer["sigma"][row] = result.sigma
@@ -277,16 +328,13 @@ class Store:
             layer["status"][row] = FAILED
             failures[str(step)] = failure
             layer.attrs["failures"] = failures
+        return failure
 
-    def _require_layer(self, group: Any, steps: list[int], result: LayerResult) -> Any:
-        """The layer group, created with rows for every allocated step on first sight."""
-        layers = list(group.attrs.get("layers", []))
-        if result.layer in layers:
-            layer = group[result.layer]
-            self._ensure_rows(layer, steps)
-            return layer
+    def _create_layer(self, group: Any, steps: list[int], result: LayerResult) -> None:
+        """Create a layer group with rows for every allocated step; the caller lists it.
 
-        # Create anew: a group not yet listed is a leftover of an interrupted run.
+        A group of that name not yet listed is a leftover of an interrupted run: it is replaced.
+        """
         layer = group.create_group(result.layer, overwrite=True)
         layer.attrs.update(
             {
@@ -312,23 +360,52 @@ class Store:
             )
         if steps:
             layer["step"][:] = np.asarray(steps, dtype=np.int64)
-        group.attrs["layers"] = [*layers, result.layer]
-        return layer
 
     @staticmethod
     def _ensure_rows(layer: Any, steps: list[int]) -> None:
-        """Grow a layer's arrays to one row per allocated step, filling the new steps."""
-        have = layer["step"].shape[0]
-        if have >= len(steps):
-            return
+        """Grow a layer's arrays to one row per allocated step and label every row.
+
+        Each array is checked on its own, and the step labels are compared whole, so that a
+        run killed half-way through growing a layer is completed here.
+        """
         for name in ARRAYS:
             array = layer[name]
-            array.resize((len(steps), *array.shape[1:]))
-        layer["step"][have:] = np.asarray(steps[have:], dtype=np.int64)
+            if array.shape[0] < len(steps):
+                array.resize((len(steps), *array.shape[1:]))
+        labels = np.asarray(steps, dtype=np.int64)
+        if not np.array_equal(layer["step"][: len(steps)], labels):
+            layer["step"][: len(steps)] = labels
 
     def _require_writable(self) -> None:
         if not self._writable:
             raise StoreError(f"{self.path} was opened for reading")
+
+
+def _merge_order(known: list[str], seen: list[str]) -> list[str]:
+    """Layers in a checkpoint's order: each new one goes after the layer it follows in ``seen``.
+
+    The result does not depend on which checkpoint is written first, as long as the checkpoints
+    agree on the order of the layers they share.
+    """
+    order = list(known)
+    previous = None
+    for name in seen:
+        if name not in order:
+            order.insert(order.index(previous) + 1 if previous is not None else 0, name)
+        previous = name
+    return order
+
+
+def _remove_partial_files(path: Path) -> None:
+    """Remove the temporary files of writes that a killed run left unfinished.
+
+    Zarr's local store writes each document to ``NAME.<hex>.partial`` and renames it; a process
+    killed in between leaves the temporary file, which no reader looks at.
+    """
+    for partial in path.rglob("*.partial"):
+        if _PARTIAL.search(partial.name) and partial.is_file():
+            log.debug("removing %s, left by an interrupted write", partial)
+            partial.unlink(missing_ok=True)
 
 
 def _check_format(path: Path, attrs: dict[str, Any]) -> None:

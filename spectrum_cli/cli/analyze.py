@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import typer
 
-from spectrum_cli.cli.output import Format, console, err_console, print_json, show_progress
+from spectrum_cli.cli.output import (
+    Format,
+    console,
+    err_console,
+    error_console,
+    print_csv,
+    print_json,
+    show_progress,
+)
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 def analyze(
@@ -22,7 +34,7 @@ def analyze(
     scheduler: str = typer.Option(
         None, "--scheduler", help="Address of a running Dask scheduler, e.g. tcp://host:8786."
     ),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     output: Format = typer.Option(Format.table, "--format", help="table or json summary."),
 ) -> None:
     """Decompose every weight matrix of every checkpoint and store the spectra.
@@ -34,8 +46,10 @@ def analyze(
     from spectrum_cli.analysis import analyze as run_analysis
     from spectrum_cli.errors import UsageError
 
-    if device not in ("auto", "cpu") and not device.startswith("cuda"):
-        raise UsageError(f"--device must be auto, cpu or cuda, got {device!r}")
+    if output is Format.csv:
+        raise UsageError("--format must be table or json for analyze, got csv")
+    if not _DEVICE.fullmatch(device):
+        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
     if not checkpoints.exists():
         raise UsageError(f"{checkpoints} does not exist; pass a folder of checkpoints or a file")
 
@@ -70,7 +84,7 @@ def analyze(
     for note in summary.notes:
         err_console.print(f"note: {note}", markup=False)
     for line in summary.failed_checkpoints + summary.failed_matrices:
-        err_console.print(f"[red]failed:[/red] {_escape(line)}")
+        error_console.print(f"[red]failed:[/red] {_escape(line)}")
     if output is Format.json:
         print_json({**asdict(summary), "ok": summary.ok})
     else:
@@ -87,7 +101,7 @@ def analyze(
 
 def ls(
     store: Path = typer.Argument(Path("spectrum.zarr"), help="The spectra store."),
-    output: Format = typer.Option(Format.table, "--format", help="table or json."),
+    output: Format = typer.Option(Format.table, "--format", help="table, csv or json."),
 ) -> None:
     """List the runs, steps and layers of a store, with shapes and status."""
     from rich.table import Table
@@ -95,43 +109,54 @@ def ls(
     from spectrum_cli.store import DONE, FAILED, Store
 
     opened = Store.open(store)
-    rows = []
+    runs: list[dict[str, Any]] = []
     for run in opened.runs():
-        steps = opened.done_steps(run)
+        layers: list[dict[str, Any]] = []
         for layer in opened.layers(run):
             attrs = opened.layer_attrs(run, layer)
             _, status = opened.status(run, layer)
-            rows.append(
+            layers.append(
                 {
-                    "run": run,
                     "layer": layer,
-                    "matrix_shape": attrs["matrix_shape"],
                     "tensor_shape": attrs["tensor_shape"],
+                    "matrix_shape": attrs["matrix_shape"],
                     "dtype": attrs["dtype"],
-                    "steps": steps,
                     "done": int((status == DONE).sum()),
                     "failed": int((status == FAILED).sum()),
                     "failures": attrs.get("failures", {}),
                 }
             )
+        runs.append({"run": run, "steps": opened.done_steps(run), "layers": layers})
     if output is Format.json:
-        print_json({"store": str(store), "top_k": opened.top_k, "layers": rows})
+        print_json({"store": str(store), "top_k": opened.top_k, "runs": runs})
+        return
+    if output is Format.csv:
+        print_csv(
+            [
+                {"run": listed["run"], "steps": len(listed["steps"])}
+                | {key: _cell(value) for key, value in row.items() if key != "failures"}
+                for listed in runs
+                for row in listed["layers"]
+            ]
+        )
         return
     table = Table(title=f"{store} (top {opened.top_k} vectors)")
-    for column in ("run", "layer", "matrix", "dtype", "steps", "done", "failed"):
+    for column in ("run", "layer", "matrix", "tensor", "dtype", "steps", "done", "failed"):
         table.add_column(column)
-    for row in rows:
-        steps = row["steps"]
+    for listed in runs:
+        steps = listed["steps"]
         span = f"{steps[0]}..{steps[-1]} ({len(steps)})" if steps else "none"
-        table.add_row(
-            row["run"],
-            row["layer"],
-            "x".join(map(str, row["matrix_shape"])),
-            row["dtype"],
-            span,
-            str(row["done"]),
-            str(row["failed"]),
-        )
+        for row in listed["layers"]:
+            table.add_row(
+                listed["run"],
+                row["layer"],
+                "x".join(map(str, row["matrix_shape"])),
+                "x".join(map(str, row["tensor_shape"])),
+                row["dtype"],
+                span,
+                str(row["done"]),
+                str(row["failed"]),
+            )
     console.print(table)
 
 
@@ -148,6 +173,11 @@ def _progress():
         console=err_console,
         transient=True,
     )
+
+
+def _cell(value: object) -> object:
+    """A shape as ``64x288`` in a CSV cell."""
+    return "x".join(map(str, value)) if isinstance(value, list) else value
 
 
 def _escape(text: str) -> str:

@@ -11,8 +11,11 @@ from typing import Any
 
 from rich.console import Console
 
+# Lines are never wrapped: one message is one line, whatever the terminal width.
 console = Console(highlight=False, soft_wrap=True)
-err_console = Console(stderr=True, highlight=False)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+# Errors and logs: on stderr like err_console, but --quiet does not silence them.
+error_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 class Format(str, Enum):

@@ -1,0 +1,271 @@
+"""``spectrum analyze`` and ``spectrum ls`` as a user meets them: streams, exit codes, messages."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from conftest import _TERMINAL_VARIABLES, run_cli, save_checkpoint, tiny_weights
+
+from spectrum_cli.cli import main
+from spectrum_cli.store import Store
+
+# Cursor movement, colour and carriage returns: what a progress bar writes.
+CONTROL = re.compile(r"\x1b\[|\r")
+
+
+@pytest.fixture
+def spectrum(monkeypatch, capsys):
+    """Run the real entry point in this process: ``spectrum(*args) -> (code, stdout, stderr)``."""
+    for name in _TERMINAL_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+    def run(*args: str | Path) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["spectrum", *map(str, args)])
+        try:
+            main()
+            code = 0
+        except SystemExit as exit:
+            code = exit.code if isinstance(exit.code, int) else 1
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def test_summary_on_stdout_and_nothing_else(spectrum, make_run, tmp_path):
+    root = make_run("a", [0, 10])
+    make_run("b", [5])
+    store = tmp_path / "s.zarr"
+
+    code, out, err = spectrum("analyze", root, "--store", store)
+
+    assert code == 0
+    (line,) = out.splitlines()
+    assert line.startswith("2 runs, 3 checkpoints (3 analysed now, 0 already stored, 0 failed)")
+    assert "9 matrices decomposed (0 failed) in " in line and line.endswith(f" s -> {store}")
+    assert not CONTROL.search(out + err)
+    assert "Traceback" not in err and "failed" not in err
+
+    code, out, _ = spectrum("analyze", root, "--store", store)
+    assert code == 0 and "(0 analysed now, 3 already stored, 0 failed)" in out
+
+
+def test_json_summary_is_the_whole_stdout(spectrum, make_run, tmp_path):
+    root = make_run("a", [0, 10])
+
+    code, out, err = spectrum("analyze", root, "--store", tmp_path / "s.zarr", "--format", "json")
+
+    summary = json.loads(out)
+    assert code == 0 and summary["ok"] is True
+    assert summary["store"] == str(tmp_path / "s.zarr")
+    assert (summary["runs"], summary["checkpoints"], summary["analysed"]) == (1, 2, 2)
+    assert summary["matrices"] == 6 and summary["seconds"] > 0
+    assert summary["failed_checkpoints"] == [] and summary["failed_matrices"] == []
+    assert "note: run a: 2 checkpoints" in err
+
+
+def test_top_k_defaults_to_32_and_is_kept(spectrum, make_run, tmp_path):
+    root = make_run("a", [0])
+    assert spectrum("analyze", root, "--store", tmp_path / "d.zarr")[0] == 0
+    assert spectrum("analyze", root, "--store", tmp_path / "k.zarr", "--top-k", "5")[0] == 0
+
+    assert Store.open(tmp_path / "d.zarr").top_k == 32
+    assert Store.open(tmp_path / "k.zarr").read("a", "fc.weight", ("u",)).u.shape == (1, 40, 5)
+    code, _, err = spectrum("analyze", root, "--store", tmp_path / "k.zarr")
+    assert code == 1
+    assert err.strip().endswith(
+        "keeps the top 5 singular vectors, not 32; pass --top-k 5 or another --store"
+    )
+
+
+def test_unreadable_checkpoints_fail_one_line_each_and_the_rest_is_stored(
+    spectrum, make_run, tmp_path
+):
+    root = make_run("a", [0, 3])
+    truncated = save_checkpoint(root / "a" / "step_1.safetensors", tiny_weights("a", 1))
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    garbage = root / "a" / "step_2.pt"
+    garbage.write_bytes(bytes(range(256)) * 8)
+    empty = root / "a" / "step_4.pt"
+    empty.write_bytes(b"")
+
+    code, out, err = spectrum("-q", "analyze", root, "--store", tmp_path / "s.zarr")
+
+    assert code == 1
+    assert "(2 analysed now, 0 already stored, 3 failed)" in out
+    failures = [line for line in err.splitlines() if line.startswith("failed: ")]
+    assert len(failures) == 3 and len(err.splitlines()) == 3
+    for line, path, reason in zip(
+        failures,
+        (truncated, garbage, empty),
+        ("truncated or not safetensors", "damaged or was not written by torch.save", "is empty"),
+        strict=True,
+    ):
+        assert line.startswith(f"failed: {path} (run a, step ") and reason in line
+    assert "documentation" not in err and "Traceback" not in err
+    assert Store.open(tmp_path / "s.zarr").done_steps("a") == [0, 3]
+
+
+def test_a_non_finite_matrix_exits_1_with_its_layer(spectrum, make_run, tmp_path):
+    root = make_run("a", [0])
+    weights = tiny_weights("a", 1)
+    weights["conv.weight"][0, 0, 0, 0] = float("-inf")
+    save_checkpoint(root / "a" / "step_1.pt", weights)
+
+    code, out, err = spectrum("analyze", root, "--store", tmp_path / "s.zarr")
+
+    assert code == 1 and "6 matrices decomposed (1 failed)" in out
+    (line,) = [line for line in err.splitlines() if line.startswith("failed:")]
+    assert line.endswith("(run a, step 1) layer conv.weight: non-finite entries (1 -Inf of 216)")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((), "Missing argument 'checkpoints'"),
+        (("nowhere",), "nowhere does not exist"),
+        (("RUNS", "--device", "tpu"), "--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+        (("RUNS", "--device", "cuda:x"), "--device must be auto, cpu, cuda or cuda:N"),
+        (("RUNS", "--top-k", "0"), "Invalid value for '--top-k'"),
+        (("RUNS", "--top-k", "many"), "Invalid value for '--top-k'"),
+        (("RUNS", "--format", "xml"), "Invalid value for '--format'"),
+        (("RUNS", "--format", "csv"), "--format must be table or json for analyze"),
+        (("RUNS", "--scheduler", "nowhere"), "--scheduler 'nowhere' is not a Dask scheduler"),
+        (("RUNS", "--no-such-flag"), "No such option"),
+    ],
+)
+def test_bad_usage_exits_2_with_one_line(spectrum, make_run, tmp_path, args, message):
+    root = make_run("a", [0])
+    args = tuple(root if arg == "RUNS" else arg for arg in args)
+
+    code, out, err = spectrum("analyze", *args, "--store", tmp_path / "s.zarr")
+
+    assert code == 2 and out == ""
+    (line,) = err.splitlines()
+    assert line.startswith("error: ") and message in line
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_ls_lists_runs_steps_layers_shapes_and_status(spectrum, make_run, tmp_path):
+    root = make_run("a", [0, 10])
+    make_run("sweep/b", [5])
+    weights = tiny_weights("a", 20)
+    weights["fc.weight"][0, 0] = float("nan")
+    save_checkpoint(root / "a" / "step_20.safetensors", weights)
+    store = tmp_path / "s.zarr"
+    spectrum("analyze", root, "--store", store)
+
+    code, out, err = spectrum("ls", store, "--format", "json")
+
+    listing = json.loads(out)
+    assert code == 0 and err == "" and listing["top_k"] == 32
+    assert [run["run"] for run in listing["runs"]] == ["a", "sweep/b"]
+    a, b = listing["runs"]
+    assert a["steps"] == [0, 10, 20] and b["steps"] == [5]
+    assert [layer["layer"] for layer in a["layers"]] == ["conv.weight", "fc.weight", "head.weight"]
+    conv, fc, _ = a["layers"]
+    assert conv["tensor_shape"] == [8, 3, 3, 3] and conv["matrix_shape"] == [8, 27]
+    assert (conv["dtype"], conv["done"], conv["failed"]) == ("float32", 3, 0)
+    assert (fc["done"], fc["failed"]) == (2, 1) and "1 NaN" in fc["failures"]["20"]
+
+    code, out, _ = spectrum("ls", store)
+    assert code == 0
+    rows = [line for line in out.splitlines() if "fc.weight" in line]
+    assert len(rows) == 2 and "40x24" in rows[0] and "0..20 (3)" in rows[0]
+    assert not CONTROL.search(out)
+
+    code, out, _ = spectrum("ls", store, "--format", "csv")
+    lines = out.splitlines()
+    assert code == 0 and len(lines) == 1 + 6
+    assert lines[0] == "run,steps,layer,tensor_shape,matrix_shape,dtype,done,failed"
+    assert lines[2] == "a,3,fc.weight,40x24,40x24,float32,2,1"
+
+
+def test_ls_of_a_missing_store_is_one_line(spectrum, tmp_path):
+    code, out, err = spectrum("ls", tmp_path / "missing.zarr")
+
+    assert code == 1 and out == ""
+    (line,) = err.splitlines()
+    assert line.startswith("error: ") and "does not exist; run `spectrum analyze" in line
+
+
+def test_piped_subprocess_shows_no_progress(make_run, tmp_path):
+    root = make_run("a", [0, 1])
+
+    done = run_cli("analyze", root, "--store", tmp_path / "s.zarr")
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("1 runs, 2 checkpoints") and len(done.stdout.splitlines()) == 1
+    assert not CONTROL.search(done.stdout + done.stderr)
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_progress_only_on_a_terminal_and_never_on_stdout(make_run, tmp_path, quiet):
+    root = make_run("a", list(range(6)))
+    env = {k: v for k, v in os.environ.items() if k not in _TERMINAL_VARIABLES}
+    env |= {"TERM": "xterm-256color", "COLUMNS": "100"}
+    flags = ["--quiet"] if quiet else []
+    command = [sys.executable, "-m", "spectrum_cli", *flags, "analyze", str(root)]
+
+    # stderr is a terminal, stdout a pipe.
+    leader, follower = pty.openpty()
+    chunks: list[bytes] = []
+    reader = threading.Thread(target=_drain, args=(leader, chunks), daemon=True)
+    reader.start()
+    try:
+        done = subprocess.run(
+            [*command, "--store", str(tmp_path / "s.zarr")],
+            stdout=subprocess.PIPE,
+            stderr=follower,
+            env=env,
+            timeout=300,
+            check=False,
+        )
+    finally:
+        os.close(follower)
+        reader.join(timeout=10)
+        os.close(leader)
+    stderr = b"".join(chunks).decode(errors="replace")
+
+    assert done.returncode == 0, stderr
+    assert done.stdout.decode().startswith("1 runs, 6 checkpoints")
+    assert not CONTROL.search(done.stdout.decode())
+    if quiet:
+        assert stderr == ""
+    else:
+        assert "decomposing" in stderr and CONTROL.search(stderr)
+
+
+def _drain(fd: int, chunks: list[bytes]) -> None:
+    """Read a pty until its other end closes, so the child never blocks on a full buffer."""
+    while True:
+        try:
+            data = os.read(fd, 4096)
+        except OSError:
+            return
+        if not data:
+            return
+        chunks.append(data)
+
+
+def test_help_is_fast_to_import():
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import json, sys, spectrum_cli.cli; print(json.dumps(list(sys.modules)))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    loaded = set(json.loads(done.stdout))
+    assert not loaded & {"torch", "zarr", "distributed", "dask"}

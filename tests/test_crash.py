@@ -1,0 +1,231 @@
+"""A killed ``spectrum analyze`` loses only the work in flight: the next run completes the store.
+
+The slow tests run analyze in a subprocess, kill it with SIGKILL part-way (no handler runs, no
+file is closed), run it again and compare the store with the one an uninterrupted run writes.
+The others build, by hand, the states a kill can leave between two writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from conftest import assert_same_store, run_cli, save_checkpoint, tiny_weights
+
+from spectrum_cli.analysis import analyze
+from spectrum_cli.store import DONE, NOT_COMPUTED, Store
+
+# Enough layers that writing one checkpoint takes a noticeable time, to be killed in the middle.
+STEPS = list(range(0, 1200, 100))
+LAYERS = {f"layers.{i}.weight": ((64, 48), torch.float32) for i in range(24)}
+LAYERS["conv.weight"] = ((16, 8, 3, 3), torch.float32)
+# One worker, so that every run uses the same number of BLAS threads and stores the same bits.
+ANALYZE = ("--workers", "1")
+
+
+@dataclass
+class Timing:
+    """When an uninterrupted run stored its first checkpoint, and how long each one took."""
+
+    first: float
+    each: float
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("crash") / "runs"
+    for step in STEPS:
+        save_checkpoint(
+            root / "run" / f"step_{step}.safetensors", tiny_weights("run", step, LAYERS)
+        )
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(runs: Path) -> tuple[Path, Timing]:
+    """The store of an uninterrupted run, and its timing."""
+    store = runs.parent / "reference.zarr"
+    started = time.monotonic()
+    process = _start(runs, store)
+    seen = {}
+    while process.poll() is None:
+        seen.setdefault(len(_done_steps(store)), time.monotonic() - started)
+        time.sleep(0.01)
+    _, errors = process.communicate()
+    assert process.returncode == 0, errors
+    assert len(_done_steps(store)) == len(STEPS)
+    first = min(t for n, t in seen.items() if n > 0)
+    each = (max(seen.values()) - first) / (len(STEPS) - 1)
+    return store, Timing(first, each)
+
+
+def _start(root: Path, store: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "spectrum_cli", "analyze", root, "--store", store, *ANALYZE],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def _kill(process: subprocess.Popen) -> None:
+    """SIGKILL the analysis and every worker it started."""
+    with contextlib.suppress(ProcessLookupError):  # it may have finished already
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    process.stderr.close()
+
+
+def _done_steps(store: Path) -> list[str]:
+    """The steps the store marks done, read straight from the run's metadata document."""
+    try:
+        attributes = json.loads((store / "run" / "zarr.json").read_text())["attributes"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return []
+    return list(attributes.get("checkpoints", {}))
+
+
+def assert_consistent(store_path: Path) -> int:
+    """What readers see of a killed run's store: whole checkpoints or none. Returns done count."""
+    if not (store_path / "zarr.json").exists():
+        return 0
+    store = Store.open(store_path)
+    if "run" not in store.runs():
+        return 0
+    done = store.done_steps("run")
+    for layer in store.layers("run"):
+        steps, status = store.status("run", layer)
+        assert set(steps[status == DONE].tolist()) == set(done), layer
+        assert (status[~np.isin(steps, done)] == NOT_COMPUTED).all()
+        assert store.read("run", layer, ("sigma", "u", "v")).steps.tolist() == done
+    return len(done)
+
+
+@pytest.mark.slow
+def test_a_run_killed_after_some_checkpoints_resumes(runs, reference, tmp_path):
+    reference_store, _ = reference
+    store = tmp_path / "s.zarr"
+
+    # Kill as soon as the store shows a checkpoint done.
+    process = _start(runs, store)
+    deadline = time.monotonic() + 120
+    while not _done_steps(store) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    _kill(process)
+    before = assert_consistent(store)
+    assert 0 < before < len(STEPS), "the run was not killed part-way; make the checkpoints larger"
+
+    done = run_cli("analyze", runs, "--store", store, *ANALYZE, "--format", "json")
+
+    summary = json.loads(done.stdout)
+    assert done.returncode == 0, done.stderr
+    assert (summary["already_stored"], summary["analysed"]) == (before, len(STEPS) - before)
+    assert_same_store(store, reference_store)
+    assert not list(store.rglob("*.partial"))
+
+
+@pytest.mark.slow
+def test_kills_at_random_points_never_corrupt_the_store(runs, reference, tmp_path):
+    reference_store, timing = reference
+    store = tmp_path / "s.zarr"
+    rng = random.Random(20240811)
+
+    # Once early, while the store is created and its rows allocated.
+    process = _start(runs, store)
+    time.sleep(rng.uniform(0.2, 1.0) * (timing.first - timing.each))
+    _kill(process)
+    assert_consistent(store)
+
+    # Then several times part-way: once a checkpoint more is done, at a random moment of the
+    # next one, which is mostly spent writing.
+    mid_write = 0
+    for _ in range(3):
+        before = assert_consistent(store)
+        process = _start(runs, store)
+        while len(_done_steps(store)) <= before and process.poll() is None:
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0, timing.each))
+        _kill(process)
+        assert before < assert_consistent(store) < len(STEPS)
+        mid_write += _rows_of_unfinished_checkpoints(store)
+
+    done = run_cli("analyze", runs, "--store", store, *ANALYZE)
+
+    assert done.returncode == 0, done.stderr
+    assert mid_write > 0, "no kill landed while a checkpoint was being written"
+    assert_same_store(store, reference_store)
+    assert not list(store.rglob("*.partial"))
+
+
+def _rows_of_unfinished_checkpoints(store: Path) -> int:
+    """Rows already written for a checkpoint not yet marked done, which readers must not see."""
+    run = zarr.open_group(store, mode="r")["run"]
+    done = [int(step) for step in run.attrs["checkpoints"]]
+    return sum(
+        int(((run[layer]["status"][:] == DONE) & ~np.isin(run[layer]["step"][:], done)).sum())
+        for layer in run.attrs["layers"]
+    )
+
+
+# The states a kill leaves between two writes, built by hand.
+
+
+def test_a_store_killed_while_being_created_is_created_again(make_run, tmp_path):
+    root = make_run("run", [0])
+    store = tmp_path / "s.zarr"
+    store.mkdir()
+    (store / f"zarr.{'0' * 32}.partial").write_text('{"zarr_format"')
+
+    analyze(root, store)
+
+    assert Store.open(store).done_steps("run") == [0]
+    assert not list(store.rglob("*.partial"))
+
+
+def test_rows_of_an_unmarked_checkpoint_are_not_read_and_are_written_again(make_run, tmp_path):
+    root = make_run("run", [0, 1])
+    analyze(root, tmp_path / "reference.zarr")
+    store = tmp_path / "s.zarr"
+    analyze(root, store)
+
+    # Killed after every row of step 1 was written, before the step was marked done.
+    run = zarr.open_group(store, mode="r+")["run"]
+    run.attrs["checkpoints"] = {"0": run.attrs["checkpoints"]["0"]}
+    opened = Store.open(store)
+    assert opened.status("run", "fc.weight")[1].tolist() == [DONE, NOT_COMPUTED]
+    assert opened.read("run", "fc.weight").steps.tolist() == [0]
+
+    summary = analyze(root, store)
+
+    assert (summary.analysed, summary.already_stored) == (1, 1)
+    assert_same_store(store, tmp_path / "reference.zarr", rtol=1e-6)
+
+
+def test_a_layer_killed_while_growing_is_grown_again(make_run, tmp_path):
+    root = make_run("run", [0])
+    analyze(root, tmp_path / "s.zarr")
+    make_run("run", [5])
+    analyze(root, tmp_path / "reference.zarr")
+
+    # Killed after step 5 was allocated and the first array of one layer grown.
+    run = zarr.open_group(tmp_path / "s.zarr", mode="r+")["run"]
+    run.attrs["steps"] = [0, 5]
+    run["fc.weight"]["step"].resize((2,))
+
+    summary = analyze(root, tmp_path / "s.zarr")
+
+    assert (summary.analysed, summary.ok) == (1, True)
+    assert_same_store(tmp_path / "s.zarr", tmp_path / "reference.zarr", rtol=1e-6)
