@@ -10,11 +10,12 @@ one tensor at a time, unwrapped from the usual containers (``state_dict``, ``mod
 and with wrapper prefixes (``module.``, ``_orig_mod.``, Lightning's ``model.``) stripped.
 
 Pickled checkpoints are read with PyTorch's weights-only unpickler and memory-mapped where the
-file format allows. In zip-format files, classes that unpickler does not know (a whole pickled
-``nn.Module``, a Lightning module's hyper-parameters) are replaced by inert stand-ins that keep
-data and run nothing; globals from ``os`` and ``sys`` are refused outright by PyTorch. Formats
-followed: safetensors (https://huggingface.co/docs/safetensors), ``torch.save`` zip and legacy
-files, Hugging Face sharded checkpoints, PyTorch Lightning ``.ckpt`` files.
+file format allows. Classes and functions that unpickler does not know (a whole pickled
+``nn.Module``, a Lightning module's hyper-parameters, or a payload that names ``exec``) are
+replaced by inert stand-ins that keep data and run nothing; globals from ``os`` and ``sys`` are
+refused outright by PyTorch. Formats followed: safetensors
+(https://huggingface.co/docs/safetensors), ``torch.save`` zip and legacy files, Hugging Face
+sharded checkpoints, PyTorch Lightning ``.ckpt`` files.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import pickle
 import re
 import struct
 import threading
+import warnings
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -62,8 +64,17 @@ _CONTAINER_KEYS = (
     "network",
 )
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-# safe_globals edits a process-wide allowlist: one stand-in load at a time across threads.
-_STAND_IN_LOCK = threading.Lock()
+# Files that mark a directory as a training checkpoint even when its weights are missing.
+_CHECKPOINT_MARKERS = ("config.json", "trainer_state.json", "generation_config.json")
+# The store keeps steps as int64.
+_MAX_STEP = 2**63 - 1
+# Deeper nesting than this is no state dict: a pickle that contains itself, or a hostile one.
+_MAX_DEPTH = 64
+# A pickle naming more unknown classes than this is no checkpoint.
+_MAX_STAND_INS = 256
+# safe_globals edits a process-wide allowlist, and catch_warnings the process-wide warning
+# filters: one pickle load at a time across threads.
+_LOAD_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True, order=True)
@@ -178,7 +189,10 @@ def _scan(
             if real in visited:
                 continue
             visited.add(real)
-            weights = _checkpoint_dir_weights(path, _listing(path, notes))
+            names = _listing(path, notes)
+            weights = _checkpoint_dir_weights(path, names)
+            if weights is None and _looks_like_a_checkpoint(path, names):
+                weights = path  # loading it says what it lacks
             if weights is None:
                 _scan(path, root, found, notes, visited)
             else:
@@ -234,6 +248,26 @@ def _checkpoint_dir_weights(directory: Path, names: list[str]) -> Path | None:
     return None
 
 
+def _looks_like_a_checkpoint(directory: Path, names: list[str]) -> bool:
+    """Whether a directory without weights is a checkpoint that lost them, not a run.
+
+    It is named like a checkpoint (``checkpoint-500``, ``global_step300``), holds no folder and
+    no weights file, and is empty or holds what trainers save beside weights (``config.json``,
+    ``trainer_state.json``, optimizer or RNG state).
+    """
+    if not _CHECKPOINT_DIR.search(directory.name):
+        return False
+    if any((directory / name).is_dir() for name in names):
+        return False
+    if any(name.endswith(WEIGHT_SUFFIXES) and not _NOT_MODEL.search(name) for name in names):
+        return False
+    marked = (
+        name in _CHECKPOINT_MARKERS or name.endswith(".index.json") or _NOT_MODEL.search(name)
+        for name in names
+    )
+    return not names or any(marked)
+
+
 def _checkpoint(
     run: str, weights: Path, notes: list[str], named: Path, default_step: int | None = None
 ) -> Checkpoint | None:
@@ -255,11 +289,17 @@ def _checkpoint(
     if step is None and default_step is not None:
         notes.append(f"{where}: no step in its name or metadata; taken as step {default_step}")
         step = default_step
+    suffix = named.suffix if named.is_file() else ""
     if step is None:
-        suffix = named.suffix if named.is_file() else ""
         notes.append(
             f"skipped {where}: no step in its name or metadata; "
             f"rename it with its step, e.g. step_100{suffix}"
+        )
+        return None
+    if step > _MAX_STEP:
+        notes.append(
+            f"skipped {where}: step {step} is beyond the largest step a store keeps "
+            f"({_MAX_STEP}); rename it with its step, e.g. step_100{suffix}"
         )
         return None
     return Checkpoint(run=run, step=step, path=weights)
@@ -277,14 +317,18 @@ def _step_from_metadata(named: Path, weights: Path) -> int | None:
         if "spectrum" in metadata:
             ours = json.loads(metadata["spectrum"])
             candidates.append(ours.get("step") if isinstance(ours, dict) else None)
-    except (OSError, ValueError, AttributeError) as error:
-        raise CheckpointError(f"cannot read its metadata: {error}") from error
+    except (OSError, ValueError, AttributeError, RecursionError) as error:
+        raise CheckpointError(f"cannot read its metadata: {_brief(error)}") from error
     if weights.is_file() and weights.suffix != ".safetensors":
         loaded = _read_pickle(weights)
         if isinstance(loaded, Mapping):
             candidates += [loaded.get("global_step"), loaded.get("step")]
     for value in candidates:
-        if isinstance(value, (int, str)) and str(value).isdigit():
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, int) and value >= 0:
+            return value
+        if isinstance(value, str) and re.fullmatch(r"[0-9]+", value):
             return int(value)
     return None
 
@@ -325,6 +369,11 @@ def read_metadata(path: Path) -> dict[str, str]:
     if not files or files[0].suffix != ".safetensors":
         return {}
     metadata = _read_header(files[0]).get("__metadata__") or {}
+    if not isinstance(metadata, dict):
+        raise CheckpointError(
+            f"{files[0]} has a malformed safetensors header: __metadata__ is a "
+            f"{type(metadata).__name__}, expected a JSON object of strings"
+        )
     return {str(key): str(value) for key, value in metadata.items()}
 
 
@@ -349,13 +398,27 @@ def load_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         tensors.
     """
     path = Path(path)
-    count = 0
-    for file in _weight_files(path):
+    files = _weight_files(path)
+    index = _index_of(path, _names_in(path)) if path.is_dir() else None
+    indexed = _names_by_shard(index) if index is not None else {}
+    seen: set[str] = set()
+    for file in files:
         tensors = _safetensors_tensors(file) if file.suffix == ".safetensors" else _pickled(file)
+        held = set()
         for name, tensor in tensors:
-            count += 1
+            if name in seen:
+                raise CheckpointError(f"{path}: layer {name!r} is held by two of its shards")
+            seen.add(name)
+            held.add(name)
             yield name, tensor
-    if count == 0:
+        missing = sorted(set(indexed.get(file.name, ())) - held)
+        if missing:
+            raise CheckpointError(
+                f"{path}: its index names {len(missing)} tensors that shard {file.name} does "
+                f"not hold ({', '.join(missing[:3])}{', …' if len(missing) > 3 else ''}); "
+                "the checkpoint is incomplete or its index is stale"
+            )
+    if not seen:
         raise CheckpointError(
             f"{path} holds no tensors; expected a state dict of weights, e.g. from "
             "torch.save(model.state_dict(), path)"
@@ -368,7 +431,7 @@ def _weight_files(path: Path) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise CheckpointError(f"{path} does not exist")
-    names = os.listdir(path)
+    names = _names_in(path)
     for single, index in _HF_LAYOUTS:
         if single in names:
             return [path / single]
@@ -390,13 +453,58 @@ def _weight_files(path: Path) -> list[Path]:
     return [path / model_file]
 
 
-def _shards_from_index(index: Path) -> list[Path]:
-    """The shard files an ``*.index.json`` names, each checked to exist."""
+def _names_in(directory: Path) -> list[str]:
+    try:
+        return os.listdir(directory)
+    except OSError as error:
+        raise CheckpointError(f"cannot list {directory}: {error.strerror}") from error
+
+
+def _index_of(directory: Path, names: list[str]) -> Path | None:
+    """The shard index of a Hugging Face checkpoint directory, if it has one and no single file."""
+    for single, index in _HF_LAYOUTS:
+        if single in names:
+            return None
+        if index in names:
+            return directory / index
+    return None
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """The ``weight_map`` of a shard index: tensor key to shard file name, checked."""
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
-        shards = [index.parent / name for name in sorted(set(weight_map.values()))]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-        raise CheckpointError(f"cannot read the shard index {index}: {error}") from error
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as error:
+        raise CheckpointError(f"cannot read the shard index {index}: {_brief(error)}") from error
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(key, str) and isinstance(name, str) for key, name in weight_map.items()
+    ):
+        raise CheckpointError(
+            f"cannot read the shard index {index}: expected weight_map to map tensor names to "
+            "shard file names"
+        )
+    outside = sorted(
+        {n for n in weight_map.values() if n in ("", ".", "..") or "/" in n or "\\" in n}
+    )
+    if outside:
+        raise CheckpointError(
+            f"{index} names shards outside its folder ({', '.join(outside[:3])}); "
+            "expected plain file names beside the index"
+        )
+    return weight_map
+
+
+def _names_by_shard(index: Path) -> dict[str, list[str]]:
+    """The normalised layer names a shard index assigns to each shard file."""
+    by_shard: dict[str, list[str]] = defaultdict(list)
+    for key, shard in _weight_map(index).items():
+        by_shard[shard].append(normalise_name(key))
+    return by_shard
+
+
+def _shards_from_index(index: Path) -> list[Path]:
+    """The shard files an ``*.index.json`` names, each checked to exist."""
+    shards = [index.parent / name for name in sorted(set(_weight_map(index).values()))]
     missing = [shard.name for shard in shards if not shard.is_file()]
     if missing:
         raise CheckpointError(f"{index.parent} misses shards named in {index.name}: {missing}")
@@ -418,10 +526,15 @@ def _read_header(file: Path) -> dict[str, Any]:
                     f"only {size - 8} follow"
                 )
             header = json.loads(handle.read(length))
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"cannot read the safetensors header of {file}: {error}") from error
+    except (OSError, ValueError, RecursionError) as error:
+        raise CheckpointError(
+            f"cannot read the safetensors header of {file}: {_brief(error)}"
+        ) from error
     if not isinstance(header, dict):
-        raise CheckpointError(f"{file}: expected a JSON object as header, got {type(header)}")
+        raise CheckpointError(
+            f"{file} is not a safetensors file: expected a JSON object as header, "
+            f"got a {type(header).__name__}"
+        )
     return header
 
 
@@ -444,14 +557,24 @@ def _stored_order(header: dict[str, Any], file: Path) -> list[str]:
     The safetensors library writes tensors sorted by dtype and then by name, which loses the
     model's order; for such files ``layers.2`` before ``layers.10`` is the better guess.
     """
-    try:
-        entries = sorted(
-            (spec["data_offsets"][0], key, spec["dtype"])
-            for key, spec in header.items()
-            if key != "__metadata__"
-        )
-    except (KeyError, TypeError, IndexError) as error:
-        raise CheckpointError(f"{file} has a malformed safetensors header: {error}") from error
+    entries = []
+    for key, spec in header.items():
+        if key == "__metadata__":
+            continue
+        offsets = spec.get("data_offsets") if isinstance(spec, dict) else None
+        dtype = spec.get("dtype") if isinstance(spec, dict) else None
+        if not (
+            isinstance(offsets, list)
+            and offsets
+            and all(type(offset) is int for offset in offsets)
+            and isinstance(dtype, str)
+        ):
+            raise CheckpointError(
+                f"{file} has a malformed safetensors header: tensor {key!r} needs a dtype "
+                f"string and integer data_offsets, got {json.dumps(spec)[:80]}"
+            )
+        entries.append((offsets[0], key, dtype))
+    entries.sort()
     by_dtype: dict[str, list[str]] = defaultdict(list)
     for _, key, dtype in entries:
         by_dtype[dtype].append(key)
@@ -470,7 +593,13 @@ def _pickled(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
     loaded = _read_pickle(file)
     lightning = isinstance(loaded, Mapping) and "state_dict" in loaded
     lightning = lightning and ("pytorch-lightning_version" in loaded or "global_step" in loaded)
-    tensors = list(_flatten(_model_state(loaded), prefix=""))
+    try:
+        tensors = list(_flatten(_model_state(loaded), prefix=""))
+    except _TooDeep:
+        raise CheckpointError(
+            f"cannot read {file}: its containers nest more than {_MAX_DEPTH} levels deep or "
+            "contain themselves; expected a state dict of tensors"
+        ) from None
     names = _unique_names([key for key, _ in tensors], lightning=lightning, file=file)
     for name, (_, tensor) in zip(names, tensors, strict=True):
         yield name, tensor
@@ -492,19 +621,48 @@ def _read_pickle(file: Path) -> Any:
     def load() -> Any:
         return torch.load(file, map_location="cpu", weights_only=True, mmap=zipped)
 
-    try:
+    def load_inert() -> Any:
+        # Zip files list their globals up front; a legacy file names one per refusal.
+        unknown: set[str] = set()
+        while True:
+            stand_ins: list[Any] = [(_stand_in(name), name) for name in sorted(unknown)]
+            try:
+                with torch.serialization.safe_globals(stand_ins):
+                    return load()
+            except pickle.UnpicklingError as error:
+                found = set(_unknown_globals(file, error, zipped)) - unknown
+                if not found or len(unknown) >= _MAX_STAND_INS:
+                    raise
+                logger.debug("%s: inert stand-ins for %s", file, ", ".join(sorted(found)))
+                unknown |= found
+
+    # PyTorch warns on stderr about odd bytes (an unusual pickle protocol, …): keep its warnings
+    # for the debug log, so that a damaged file makes one failure line and a sound one none.
+    with _LOAD_LOCK, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         try:
-            return load()
-        except pickle.UnpicklingError:
-            unknown = torch.serialization.get_unsafe_globals_in_checkpoint(file) if zipped else []
-            if not unknown:
-                raise
-        logger.debug("%s: inert stand-ins for %s", file, ", ".join(sorted(unknown)))
-        stand_ins: list[Any] = [(_stand_in(name), name) for name in unknown]
-        with _STAND_IN_LOCK, torch.serialization.safe_globals(stand_ins):
-            return load()
-    except Exception as error:  # damaged bytes surface as RuntimeError, EOFError, IndexError, …
-        raise CheckpointError(_describe_load_failure(file, error)) from error
+            return load_inert()
+        except Exception as error:  # damaged bytes surface as RuntimeError, EOFError, IndexError, …
+            raise CheckpointError(_describe_load_failure(file, error)) from error
+        finally:
+            for warning in caught:
+                logger.debug("%s: %s", file, warning.message)
+
+
+def _unknown_globals(file: Path, error: Exception, zipped: bool) -> list[str]:
+    """The classes and functions a pickle names that the weights-only unpickler does not know.
+
+    Modules PyTorch blocks (``os``, ``sys``, …) are not among them: those stay refused.
+    """
+    import torch
+
+    if zipped:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(file))
+    named = re.search(r"GLOBAL (\S+) was not an allowed global", str(error))
+    if named is None:
+        return []
+    name = named.group(1)
+    return [name if "." in name else f"builtins.{name}"]  # PyTorch drops "builtins."
 
 
 def _describe_load_failure(file: Path, error: Exception) -> str:
@@ -553,44 +711,60 @@ def _stand_in(qualified_name: str) -> type[_StandIn]:
     return type(name, (_StandIn,), {"qualified_name": qualified_name})
 
 
-def _model_state(loaded: Any) -> Mapping[str, Any]:
+class _TooDeep(Exception):
+    """Containers nest deeper than any state dict does (or contain themselves)."""
+
+
+def _model_state(loaded: Any, depth: int = 0) -> Mapping[str, Any]:
     """The state dict inside a loaded checkpoint: unwrap containers and pickled modules."""
     import torch
 
+    if depth > _MAX_DEPTH:
+        raise _TooDeep
     if isinstance(loaded, _StandIn):
-        return _module_state(loaded)
+        return _module_state(loaded, depth)
     if not isinstance(loaded, Mapping):
         return {}
     if all(isinstance(value, torch.Tensor) for value in loaded.values()):
         return loaded
     for key in _CONTAINER_KEYS:
-        inner = _model_state(loaded.get(key))
-        if any(_flatten(inner, prefix="")):
+        inner = _model_state(loaded.get(key), depth + 1)
+        if any(_flatten(inner, prefix="", depth=depth + 1)):
             return inner
     return {key: value for key, value in loaded.items() if not _NOT_MODEL.search(str(key))}
 
 
-def _module_state(module: _StandIn) -> dict[str, Any]:
+def _module_state(module: _StandIn, depth: int = 0) -> dict[str, Any]:
     """The state dict of a whole pickled ``nn.Module``: parameters, buffers, then submodules."""
+    if depth > _MAX_DEPTH:
+        raise _TooDeep
     state = module.state if isinstance(module.state, dict) else {}
     transient = state.get("_non_persistent_buffers_set") or set()
-    tensors = dict(state.get("_parameters") or {})
-    tensors.update((k, v) for k, v in (state.get("_buffers") or {}).items() if k not in transient)
-    for name, child in (state.get("_modules") or {}).items():
+    parameters, buffers = state.get("_parameters") or {}, state.get("_buffers") or {}
+    modules = state.get("_modules") or {}
+    if not all(isinstance(part, Mapping) for part in (parameters, buffers, modules)):
+        return {}
+    tensors = dict(parameters)
+    tensors.update((k, v) for k, v in buffers.items() if k not in transient)
+    for name, child in modules.items():
         if isinstance(child, _StandIn):
-            tensors[name] = _module_state(child)
+            tensors[name] = _module_state(child, depth + 1)
     return tensors
 
 
-def _flatten(state: Mapping[str, Any], prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
+def _flatten(
+    state: Mapping[str, Any], prefix: str, depth: int = 0
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Tensors of a possibly nested state dict, keys joined with dots; other values dropped."""
     import torch
 
+    if depth > _MAX_DEPTH:
+        raise _TooDeep
     for key, value in state.items():
         if isinstance(value, torch.Tensor):
             yield f"{prefix}{key}", value
         elif isinstance(value, Mapping):
-            yield from _flatten(value, prefix=f"{prefix}{key}.")
+            yield from _flatten(value, prefix=f"{prefix}{key}.", depth=depth + 1)
 
 
 def _unique_names(keys: list[str], lightning: bool, file: Path) -> list[str]:
@@ -605,3 +779,9 @@ def _unique_names(keys: list[str], lightning: bool, file: Path) -> list[str]:
             f"{file}: two keys become layer {clash!r} once wrapper prefixes are stripped"
         )
     return names
+
+
+def _brief(error: BaseException) -> str:
+    """An exception as one short line: its message, or its type when the message is empty."""
+    text = " ".join(str(error).split())
+    return (text[:200] + "…") if len(text) > 200 else text or type(error).__name__

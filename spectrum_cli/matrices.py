@@ -3,7 +3,7 @@
 Every floating tensor with two or more dimensions is a matrix. A 2-D weight is taken as stored
 (out × in); a convolution kernel (out, in, k…) is flattened to out × (in·k…). Integer and
 boolean tensors, and all 1-D tensors, are skipped. Half-precision weights are upcast to
-float32 before decomposing; the stored dtype is recorded.
+float32 before decomposing (float64 weights are kept as they are); the stored dtype is recorded.
 """
 
 from __future__ import annotations
@@ -56,6 +56,10 @@ def matrix_info(layer: str, tensor: torch.Tensor) -> MatrixInfo | None:
 
 
 def as_matrix(tensor: torch.Tensor) -> torch.Tensor:
-    """Return the float32 matrix of a weight tensor: (out, in, k…) becomes (out, in·k…)."""
+    """Return the matrix of a weight tensor: (out, in, k…) becomes (out, in·k…).
+
+    Half-precision and float32 weights give a float32 matrix; float64 weights stay float64, so
+    that no value is rounded (a finite 1e39 would become +Inf) before decomposing.
+    """
     matrix = tensor.reshape(tensor.shape[0], -1)  # (out, in·k…)
-    return matrix.to(torch.float32)
+    return matrix.to(torch.float64 if tensor.dtype == torch.float64 else torch.float32)

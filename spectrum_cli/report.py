@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from spectrum_cli import __version__
+from spectrum_cli.store import FORMAT
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +116,7 @@ def _provenance(store: Any, selection: Sequence[Any], metrics: Path | None) -> s
     """What was analysed and how: the store, its runs, layers and steps, and the definitions."""
     from spectrum_cli import dynamics
 
-    root = json.loads((Path(store.path) / "zarr.json").read_text())["attributes"]
-    written_by = root.get("spectrum_version", "unknown")
+    written_by = store.version
     runs = []
     for chosen in selection:
         steps = store.done_steps(chosen.run)
@@ -156,7 +155,7 @@ def _provenance(store: Any, selection: Sequence[Any], metrics: Path | None) -> s
                 f"<tr><th class='name'>{_e(key)}</th><td class='name'>{_e(value)}</td></tr>"
                 for key, value in (
                     ("store", str(Path(store.path).resolve())),
-                    ("store format", str(root.get("spectrum_format", ""))),
+                    ("store format", str(FORMAT)),
                     ("singular vectors kept (top k)", str(store.top_k)),
                     ("store written by", f"spectrum {written_by}"),
                     ("report written by", f"spectrum {__version__}"),

@@ -19,12 +19,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from spectrum_cli.errors import SpectrumError
+from spectrum_cli.errors import SpectrumError, UsageError
 
 log = logging.getLogger(__name__)
 
 # Singular values below this fraction of σ₁ (times the size) are zero for float32 input.
 _ZERO_TOLERANCE = float(torch.finfo(torch.float32).eps)
+# The store keeps float32: larger singular values cannot be stored.
+_LARGEST = float(torch.finfo(torch.float32).max)
 
 
 class DecompositionError(SpectrumError):
@@ -51,21 +53,55 @@ class Spectrum:
 
 
 def resolve_device(name: str) -> torch.device:
-    """Turn ``auto``, ``cpu`` or ``cuda[:i]`` into a device; ``auto`` takes CUDA when present."""
+    """Turn ``auto``, ``cpu`` or ``cuda[:i]`` into a device; ``auto`` takes CUDA when present.
+
+    Raises
+    ------
+    UsageError
+        When the name is not a device, not a CPU or CUDA device, or not on this machine.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(
+            f"Invalid device string {name!r} for --device; use auto, cpu, cuda or cuda:N"
+        ) from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SpectrumError(
+        raise UsageError(
             "--device cuda was asked for but no CUDA device is visible; use --device cpu or auto"
+        )
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(
+            f"--device {name} asks for CUDA device {device.index}, but this machine has "
+            f"{torch.cuda.device_count()}; use --device cuda or auto"
         )
     return device
 
 
 def check_finite(matrix: torch.Tensor) -> None:
-    """Raise DecompositionError naming how many NaN, +Inf and −Inf entries the matrix holds."""
+    """Refuse a matrix whose singular values would not be finite in the float32 store.
+
+    Raises
+    ------
+    DecompositionError
+        Naming how many NaN, +Inf and −Inf entries the matrix holds, or, for finite entries
+        so large that σ₁ exceeds the largest float32 (3.4e38), the value of σ₁.
+    """
     if bool(torch.isfinite(matrix).all()):
-        return
+        # The Frobenius norm bounds σ₁ from above: only beyond the float32 range is σ₁ computed.
+        if float(torch.linalg.vector_norm(matrix, dtype=torch.float64)) <= _LARGEST:
+            return
+        top = float(torch.linalg.matrix_norm(matrix.to(torch.float64), ord=2))
+        if top <= _LARGEST:
+            return
+        raise DecompositionError(
+            f"singular values beyond the float32 range of the store (σ₁ = {top:.3g} > "
+            f"{_LARGEST:.3g}); such weights usually mean the run diverged"
+        )
     counts = {
         "NaN": int(torch.isnan(matrix).sum()),
         "+Inf": int(torch.isposinf(matrix).sum()),
@@ -134,6 +170,11 @@ def decompose_batch(
     if wide:
         left, right = right, left  # back to (m, k) and (n, k)
     left, right = _fix_signs(left, right)
+
+    # A last guard: nothing non-finite reaches the store (check_finite should have said why).
+    for values in (sigma, left, right):
+        if not bool(torch.isfinite(values.to(torch.float32)).all()):
+            raise DecompositionError("the decomposition gave values that float32 cannot hold")
 
     out = []
     for i in range(batch):

@@ -181,6 +181,11 @@ class Store:
     def top_k(self) -> int:
         return int(self._root.attrs["top_k"])
 
+    @property
+    def version(self) -> str:
+        """The spectrum version that created the store."""
+        return str(self._root.attrs.get("spectrum_version", "unknown"))
+
     def runs(self) -> list[str]:
         """The runs in the store, in the order they were added."""
         return list(self._root.attrs.get("runs", []))

@@ -14,7 +14,10 @@ import typer
 
 from spectrum_cli import __version__
 from spectrum_cli.cli import analyze as _analyze
-from spectrum_cli.cli.output import console, err_console
+from spectrum_cli.cli import dynamics as _dynamics
+from spectrum_cli.cli import lmc as _lmc
+from spectrum_cli.cli import masks as _masks
+from spectrum_cli.cli.output import console, err_console, error_console
 from spectrum_cli.errors import SpectrumError
 
 app = typer.Typer(
@@ -26,7 +29,7 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-_state = {"verbose": False}
+_state: dict[str, object] = {"verbose": False}
 
 
 def _version(value: bool) -> None:
@@ -48,38 +51,66 @@ def _root(
 
     _state["verbose"] = verbose
     level = logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING
-    handler = RichHandler(console=err_console, show_time=False, show_path=False)
+
+    # One handler for the whole process, on the console that --quiet leaves errors on.
+    handler = _state.get("handler")
+    if not isinstance(handler, logging.Handler):
+        handler = RichHandler(console=error_console, show_time=False, show_path=False)
+        logging.getLogger().addHandler(handler)
+        _state["handler"] = handler
     handler.setLevel(level)
-    logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s")
     logging.getLogger("spectrum_cli").setLevel(level)
+
+    # Dask's own logs repeat what the summary reports (a failed task is a failed checkpoint).
     for noisy in ("distributed", "dask"):
-        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.ERROR)
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.CRITICAL)
     err_console.quiet = quiet
 
 
 _analyze.register(app)
+_dynamics.register(app)
+_lmc.register(app)
+_masks.register(app)
 
 
 def main() -> None:
-    """Entry point: run the app, turning spectrum's own errors into one red line."""
+    """Entry point: run the app, turning errors into one red line and an exit code."""
     import click
-    from rich.text import Text
 
+    # Typer raises its own copy of click's exceptions; older versions raise click's.
+    usage_errors = (click.ClickException, getattr(typer, "TyperException", click.ClickException))
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except SpectrumError as error:
         if _state["verbose"]:
-            err_console.print_exception()
-        err_console.print(Text.assemble(("error: ", "red"), str(error)), highlight=False)
+            error_console.print_exception()
+        _error(str(error))
         sys.exit(error.exit_code)
-    except click.ClickException as error:
-        error.show(file=sys.stderr)
-        sys.exit(error.exit_code)
-    except typer.Exit as done:
-        sys.exit(done.exit_code)
-    except typer.Abort:
-        err_console.print("[red]aborted[/red]")
+    except usage_errors as error:
+        _error(_usage_message(error))
+        sys.exit(getattr(error, "exit_code", 2))
+    except (typer.Abort, click.Abort):
+        _error("aborted")
         sys.exit(130)
-    except KeyboardInterrupt:
-        err_console.print("[red]interrupted[/red]; what was stored stays stored")
-        sys.exit(130)
+    # Outside standalone mode, an exit code is returned rather than raised.
+    if isinstance(code, int) and not isinstance(code, bool) and code:
+        if code == 130:
+            _error("interrupted; what was stored stays stored")
+        sys.exit(code)
+
+
+def _error(message: str) -> None:
+    from rich.text import Text
+
+    error_console.print(Text.assemble(("error: ", "red"), message), highlight=False)
+
+
+def _usage_message(error: Exception) -> str:
+    """One line: what was wrong with the command line, and where to read about it."""
+    format_message = getattr(error, "format_message", None)
+    message = format_message() if callable(format_message) else str(error)
+    message = " ".join(message.split())
+    ctx = getattr(error, "ctx", None)
+    if ctx is not None:
+        message += f" (see '{ctx.command_path} --help')"
+    return message
