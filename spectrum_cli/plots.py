@@ -369,3 +369,89 @@ def masked_agreement_figure(title: str, rows: Sequence[StepAgreement]) -> Figure
         ax.legend(fontsize=7, loc="best")
     figure.suptitle(title, fontsize=10)
     return figure
+
+
+# ---------------------------------------------------------------------------- linear mode connectivity
+
+
+def interpolation_figure(
+    title: str,
+    alphas: Sequence[float],
+    curves: dict[str, Sequence[float]],
+    barriers: dict[str, tuple[float, float]],
+    agreements: Sequence[tuple[str, float | None, float | None]] = (),
+) -> Figure:
+    """Loss and error along the interpolation between two checkpoints, and layer agreement.
+
+    One panel per quantity: f(θ(α)) against α, the straight line between the end points
+    (dashed), and the barrier drawn at the α where it peaks. A last panel, when ``agreements``
+    are given, shows each layer's top-10 agreement score of A's and B's singular vectors.
+
+    Parameters
+    ----------
+    title
+        The two checkpoints and the split.
+    alphas
+        The grid, from 0 to 1.
+    curves
+        Quantity name (``"loss"``, ``"error"``) → its value at each α.
+    barriers
+        Quantity name → (barrier, α of the peak), the paper's form.
+    agreements
+        (layer, agreement score, score after alignment or None), in tensor order.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    from matplotlib.figure import Figure
+
+    panels = len(curves) + (1 if agreements else 0)
+    figure = Figure(figsize=(4.2 * panels, 4), dpi=_DPI, layout="constrained")
+    axes = np.atleast_1d(figure.subplots(1, panels))
+    grid = np.asarray(alphas, dtype=np.float64)
+
+    # Each quantity against α, with the straight line and the barrier.
+    for ax, (name, curve) in zip(axes, curves.items(), strict=False):
+        f = np.asarray(curve, dtype=np.float64)
+        line = f[0] + grid * (f[-1] - f[0])
+        ax.plot(grid, f, marker="o", markersize=3, color="tab:blue", label=name)
+        ax.plot(grid, line, linestyle="--", color="0.5", linewidth=1, label="straight line")
+        height, at = barriers[name]
+        base = f[0] + at * (f[-1] - f[0])
+        ax.vlines(at, base, base + height, color="tab:red", linewidth=2)
+        ax.annotate(
+            f"barrier {height:.3g}\nat α = {at:.2f}",
+            (at, base + height),
+            textcoords="offset points",
+            xytext=(6, -4),
+            verticalalignment="top",
+            fontsize=8,
+            color="tab:red",
+        )
+        ax.set_xlabel("α   (θ = (1−α) θ_A + α θ_B)")
+        ax.set_ylabel(name)
+        ax.set_xlim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+
+    # Per-layer agreement of the top singular vectors, before and after alignment.
+    if agreements:
+        ax = axes[-1]
+        names = [layer for layer, _, _ in agreements]
+        rows = np.arange(len(names))
+        plain = [np.nan if score is None else score for _, score, _ in agreements]
+        aligned = [np.nan if score is None else score for _, _, score in agreements]
+        has_aligned = not all(np.isnan(aligned))
+        height = 0.4 if has_aligned else 0.7
+        ax.barh(rows, plain, height=height, color="tab:blue", label="as saved")
+        if has_aligned:
+            ax.barh(rows + height, aligned, height=height, color="tab:orange", label="aligned")
+            ax.legend(fontsize=7, loc="best")
+        ax.set_yticks(rows + (height / 2 if has_aligned else 0), names, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlim(0, 1.02)
+        ax.set_xlabel("top-10 agreement score, A against B")
+        ax.grid(alpha=0.3, axis="x")
+    figure.suptitle(title, fontsize=10)
+    return figure

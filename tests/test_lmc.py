@@ -1,0 +1,404 @@
+"""Linear mode connectivity: barrier, pairing, BatchNorm, weight matching, samples, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_cli
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save_file
+from torch import nn
+
+from spectrum_cli.errors import CheckpointError, EvaluationError, UsageError
+from spectrum_cli.evaluation import EvaluationData, Evaluator, evaluator_for
+from spectrum_cli.lmc import (
+    LinearPath,
+    UnitMatching,
+    interpolation_barrier,
+    linear_mode_connectivity,
+    pair_checkpoints,
+    permute_units,
+    unit_chain,
+    weight_matching,
+)
+
+SAMPLES = Path(__file__).resolve().parents[1] / "sample_checkpoints"
+SPAWN = SAMPLES / "spawn"
+FINAL = "step_003000.safetensors"
+PARENT_FINAL = SPAWN / "parent" / FINAL
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)
+    )
+
+
+def conv_bn() -> nn.Module:
+    """A chain of convolutions with BatchNorm, flattened into a linear output layer."""
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(6 * 4 * 4, 5),
+    )
+
+
+def data_for(model: nn.Module, n: int = 64, seed: int = 0) -> EvaluationData:
+    generator = torch.Generator().manual_seed(seed)
+    shape = (n, 3, 4, 4) if isinstance(model[0], nn.Conv2d) else (n, 6)
+    x = torch.randn(*shape, generator=generator)
+    classes = model[-1].out_features
+    y = torch.randint(0, classes, (n,), generator=generator)
+    return EvaluationData({"train": (x, y), "test": (x[: n // 2], y[: n // 2])})
+
+
+def saved(model: nn.Module, path: Path, dtype: torch.dtype | None = None) -> Path:
+    state = {
+        name: (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()
+        for name, t in model.state_dict().items()
+    }
+    save_file(state, path)
+    return path
+
+
+def shuffled(state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """The same network with its hidden units in a random order."""
+    chain = unit_chain(state)
+    generator = np.random.default_rng(seed)
+    perms = tuple(generator.permutation(layer.units) for layer in chain[:-1])
+    return permute_units(state, UnitMatching(tuple(chain), perms, 0))
+
+
+def outputs(model: nn.Module, state: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    model.load_state_dict(state)
+    model.eval()
+    with torch.no_grad():
+        return model(x)
+
+
+# ---------------------------------------------------------------------------- the barrier
+
+
+@given(
+    st.floats(0, 10, allow_nan=False),
+    st.integers(2, 25),
+)
+@settings(max_examples=50, deadline=None)
+def test_the_barrier_between_equal_values_is_exactly_zero(value, points):
+    alphas = np.linspace(0, 1, points)
+    barrier = interpolation_barrier(alphas, [value] * points)
+    assert barrier.height == 0.0
+    assert barrier.height_over_mean == 0.0
+
+
+@given(st.floats(0, 10), st.floats(0, 10), st.integers(2, 25))
+@settings(max_examples=50, deadline=None)
+def test_values_on_the_straight_line_have_no_barrier(start, end, points):
+    alphas = np.linspace(0, 1, points)
+    barrier = interpolation_barrier(alphas, start + alphas * (end - start))
+    assert abs(barrier.height) <= 1e-12 * max(1.0, start, end)
+    assert barrier.height_over_mean == pytest.approx(abs(end - start) / 2, abs=1e-12)
+
+
+def test_the_two_forms_of_the_barrier_differ_when_the_ends_differ():
+    alphas = np.linspace(0, 1, 5)
+    barrier = interpolation_barrier(alphas, [1.0, 2.5, 3.0, 2.5, 2.0])
+    # Above the line 1 + α: 1.25, 1.5, 0.75 at α = 0.25, 0.5, 0.75.
+    assert barrier.height == pytest.approx(1.5)
+    assert barrier.alpha == 0.5
+    # Above the ends' mean 1.5, at the peak 3.0.
+    assert barrier.height_over_mean == pytest.approx(1.5)
+    assert barrier.alpha_over_mean == 0.5
+    skewed = interpolation_barrier(alphas, [1.0, 3.0, 2.5, 2.2, 2.0])
+    assert skewed.height == pytest.approx(1.75) and skewed.alpha == 0.25
+    assert skewed.height_over_mean == pytest.approx(1.5) and skewed.alpha_over_mean == 0.25
+
+
+# ---------------------------------------------------------------------------- pairing
+
+
+def test_checkpoints_that_do_not_pair_are_reported_in_one_message(tmp_path: Path):
+    a = {"embed.weight": torch.zeros(100, 8), "fc.weight": torch.zeros(4, 8), "old": torch.ones(2)}
+    b = {"embed.weight": torch.zeros(120, 8), "fc.weight": torch.zeros(4, 8), "new": torch.ones(2)}
+    save_file(a, tmp_path / "a.safetensors")
+    save_file(b, tmp_path / "b.safetensors")
+    with pytest.raises(CheckpointError) as raised:
+        pair_checkpoints(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
+    message = str(raised.value)
+    assert "only in A (a.safetensors): old" in message
+    assert "only in B (b.safetensors): new" in message
+    assert "embed.weight (100, 8) vs (120, 8)" in message
+    assert "\n" not in message
+
+
+def test_interpolation_is_float32_and_integer_buffers_come_from_a(tmp_path: Path):
+    torch.manual_seed(0)
+    model_a, model_b = conv_bn(), conv_bn()
+    model_b[1].num_batches_tracked.fill_(7)
+    a_path = saved(model_a, tmp_path / "a.safetensors", torch.float16)
+    b_path = saved(model_b, tmp_path / "b.safetensors", torch.float16)
+    a, b = pair_checkpoints(a_path, b_path)
+    evaluator = Evaluator(conv_bn(), data_for(model_a), "m", "d")
+    path = LinearPath(evaluator, a, b, bn_reset=False)
+    path.load(0.3)
+    state = evaluator.model.state_dict()
+    expected = torch.lerp(a["3.weight"].float(), b["3.weight"].float(), 0.3)
+    assert state["3.weight"].dtype == torch.float32
+    assert torch.equal(state["3.weight"], expected)
+    assert int(state["1.num_batches_tracked"]) == 0  # A's, not B's 7
+
+
+@pytest.mark.parametrize("build", [mlp, conv_bn], ids=["mlp", "batchnorm"])
+@pytest.mark.parametrize("bn_reset", [True, False], ids=["bn-reset", "no-bn-reset"])
+def test_the_same_checkpoint_on_both_ends_has_barrier_exactly_zero(tmp_path, build, bn_reset):
+    torch.manual_seed(1)
+    model = build()
+    if build is conv_bn:
+        with torch.no_grad():
+            model[1].running_mean.uniform_(-1, 1)
+            model[1].running_var.uniform_(0.5, 2)
+    a_path = saved(model, tmp_path / "a.safetensors")
+    b_path = saved(model, tmp_path / "b.safetensors")
+    evaluator = Evaluator(build(), data_for(model), "m", "d", batch_size=16)
+    report = linear_mode_connectivity(a_path, b_path, evaluator, bn_reset=bn_reset)
+    assert report.batchnorm == (build is conv_bn)
+    assert report.bn_reset == (bn_reset and build is conv_bn)
+    assert len(set(report.loss)) == 1
+    for barrier in (report.loss_barrier, report.error_barrier):
+        assert barrier is not None
+        assert barrier.height == 0.0
+        assert barrier.height_over_mean == 0.0
+
+
+def test_batchnorm_statistics_are_recomputed_on_the_train_split(tmp_path: Path):
+    torch.manual_seed(2)
+    model = conv_bn()
+    a_path = saved(model, tmp_path / "a.safetensors")
+    data = data_for(model)
+    evaluator = Evaluator(conv_bn(), data, "m", "d", batch_size=64)
+    a, b = pair_checkpoints(a_path, a_path)
+    LinearPath(evaluator, a, b, bn_reset=True).load(0.5)
+    # One batch of all 64 examples: the running mean is the batch mean of the first conv.
+    x, _ = data.splits["train"]
+    with torch.no_grad():
+        expected = evaluator.model[0](x).mean(dim=(0, 2, 3))
+    assert torch.allclose(evaluator.model[1].running_mean, expected, atol=1e-6)
+
+
+def test_batchnorm_reset_needs_a_train_split(tmp_path: Path):
+    model = conv_bn()
+    a_path = saved(model, tmp_path / "a.safetensors")
+    data = data_for(model)
+    data.splits = {"test": data.splits["test"]}
+    evaluator = Evaluator(conv_bn(), data, "m", "the data")
+    with pytest.raises(EvaluationError, match=r"needs a 'train' split.*--no-bn-reset"):
+        linear_mode_connectivity(a_path, a_path, evaluator, split="test")
+    report = linear_mode_connectivity(a_path, a_path, evaluator, split="test", bn_reset=False)
+    assert report.loss_barrier.height == 0.0
+
+
+# ---------------------------------------------------------------------------- weight matching
+
+
+def test_weight_matching_undoes_a_shuffle_of_a_trained_network(tmp_path: Path):
+    a_path = PARENT_FINAL
+    a, _ = pair_checkpoints(a_path, a_path)
+    b = shuffled(a, seed=3)
+    b_path = tmp_path / "shuffled.safetensors"
+    save_file({name: t.contiguous() for name, t in b.items()}, b_path)
+
+    # The shuffled network computes the same function.
+    evaluator = evaluator_for(a_path)
+    x, _ = evaluator.data.splits["train"]
+    assert torch.allclose(outputs(evaluator.model, a, x), outputs(evaluator.model, b, x), atol=1e-5)
+
+    naive = linear_mode_connectivity(a_path, b_path, evaluator)
+    aligned = linear_mode_connectivity(a_path, b_path, evaluator, align="weights")
+    assert naive.loss_barrier.height > 0.1
+    assert aligned.loss_barrier.height < 1e-5
+    assert aligned.moved_units is not None
+    assert list(aligned.moved_units) == ["0.weight", "2.weight"]
+    assert all(moved > 100 for moved in aligned.moved_units.values())
+    # The top directions of A and the shuffled B agree once B's units are put back.
+    for layer in aligned.layers:
+        assert layer.aligned_agreement == pytest.approx(1.0, abs=1e-4)
+    hidden = [layer for layer in naive.layers if layer.layer != "4.weight"]
+    assert all((layer.agreement or 0) < 0.5 for layer in hidden)
+
+
+def test_weight_matching_recovers_a_shuffled_convolution_chain_with_batchnorm():
+    torch.manual_seed(4)
+    model = conv_bn()
+    with torch.no_grad():
+        for bn in (model[1], model[4]):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+            bn.weight.uniform_(0.5, 1.5)
+    a = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    b = shuffled(a, seed=5)
+    x = torch.randn(10, 3, 4, 4)
+    assert torch.allclose(outputs(conv_bn(), a, x), outputs(conv_bn(), b, x), atol=1e-5)
+
+    matching = weight_matching(a, b)
+    aligned = permute_units(b, matching)
+    for name in a:
+        assert torch.equal(aligned[name], a[name]), name
+    assert [layer.companions for layer in matching.chain[:2]] == [
+        ("0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var"),
+        ("3.bias", "4.weight", "4.bias", "4.running_mean", "4.running_var"),
+    ]
+
+
+def test_a_model_that_is_not_a_chain_is_refused():
+    state = {"a.weight": torch.zeros(8, 4), "b.weight": torch.zeros(3, 5)}
+    with pytest.raises(UsageError, match=r"b.weight takes 5 inputs, not the 8 units of a.weight"):
+        unit_chain(state)
+
+
+class _Residual(nn.Module):
+    """Shapes that look like a chain, but a skip connection ties two layers' units together."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second, self.head = nn.Linear(6, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.first(x))
+        return self.head(h + torch.relu(self.second(h)))
+
+
+def test_alignment_that_would_change_the_function_is_refused(tmp_path: Path):
+    torch.manual_seed(6)
+    a_model, b_model = _Residual(), _Residual()
+    a_path = saved(a_model, tmp_path / "a.safetensors")
+    b_path = saved(b_model, tmp_path / "b.safetensors")
+    data = EvaluationData({"train": (torch.randn(32, 6), torch.randint(0, 4, (32,)))})
+    evaluator = Evaluator(_Residual(), data, "m", "d")
+    with pytest.raises(EvaluationError, match="changed what B computes"):
+        linear_mode_connectivity(a_path, b_path, evaluator, align="weights")
+
+
+# ---------------------------------------------------------------------------- the samples
+
+
+def test_siblings_spawned_later_agree_more_and_strangers_have_a_barrier():
+    """The paper's effect on the shipped spawn runs (numbers in sample_checkpoints/README.md)."""
+    evaluator = evaluator_for(PARENT_FINAL)
+    agreement, barrier = {}, {}
+    for step in ("0000", "0250", "1000", "2000"):
+        pair = SPAWN / f"spawn-{step}"
+        report = linear_mode_connectivity(
+            pair / "child-a" / FINAL, pair / "child-b" / FINAL, evaluator
+        )
+        agreement[step] = {row.layer: row.agreement for row in report.layers}
+        barrier[step] = report.loss_barrier.height
+    stranger = linear_mode_connectivity(
+        SPAWN / "spawn-2000" / "child-a" / FINAL,
+        SPAWN / "stranger" / "spawn-2000" / "child-a" / FINAL,
+        evaluator,
+    )
+
+    first = [agreement[step]["0.weight"] for step in ("0000", "0250", "1000", "2000")]
+    assert first == sorted(first)
+    assert first[0] < 0.85 and first[-1] > 0.99
+    assert all(score > 0.95 for score in agreement["2000"].values())
+    assert all(abs(height) < 0.01 for height in barrier.values())
+
+    assert stranger.loss_barrier.height > 0.3
+    assert stranger.loss_barrier.alpha == 0.5
+    assert all((row.agreement or 1) < 0.2 for row in stranger.layers)
+
+
+def test_agreement_comes_from_a_store_that_holds_both_checkpoints(tmp_path: Path):
+    from spectrum_cli.analysis import analyze
+
+    store = tmp_path / "spectra.zarr"
+    analyze(SPAWN / "spawn-2000", store, top_k=10, workers=1)
+    a, b = SPAWN / "spawn-2000" / "child-a" / FINAL, SPAWN / "spawn-2000" / "child-b" / FINAL
+    evaluator = evaluator_for(a, max_examples=100)
+    stored = linear_mode_connectivity(a, b, evaluator, points=2, store=store)
+    computed = linear_mode_connectivity(a, b, evaluator, points=2, store=tmp_path / "none.zarr")
+    assert stored.spectra == f"store {store}"
+    assert computed.spectra == "decomposed"
+    for left, right in zip(stored.layers, computed.layers, strict=True):
+        assert left.agreement == pytest.approx(right.agreement, abs=1e-5)
+    # A checkpoint the store does not hold is decomposed.
+    other = SPAWN / "spawn-1000" / "child-a" / FINAL
+    assert linear_mode_connectivity(a, other, evaluator, points=2, store=store).spectra == (
+        "decomposed"
+    )
+
+
+# ---------------------------------------------------------------------------- the command line
+
+
+def test_lmc_command_on_samples_needs_no_flags(tmp_path: Path):
+    a = SPAWN / "spawn-2000" / "child-a" / FINAL
+    b = SPAWN / "stranger" / "spawn-2000" / "child-a" / FINAL
+    plot = tmp_path / "curve.png"
+    result = run_cli("lmc", a, b, "--alphas", "5", "--format", "json", "--plot", plot)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["alphas"] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert report["loss_barrier"]["height"] > 0.3
+    assert report["loss_barrier"]["alpha"] == 0.5
+    assert [row["layer"] for row in report["layers"]] == ["0.weight", "2.weight", "4.weight"]
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    assert "wrote" in result.stderr and "wrote" not in result.stdout
+
+
+def test_lmc_command_with_user_model_and_data(tmp_path: Path):
+    code = tmp_path / "task.py"
+    code.write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "def build():\n"
+        "    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),"
+        " nn.Linear(16, 4))\n\n"
+        "def data():\n"
+        "    g = torch.Generator().manual_seed(0)\n"
+        "    return {'train': (torch.randn(40, 6, generator=g), torch.randint(0, 4, (40,),"
+        " generator=g))}\n"
+    )
+    torch.manual_seed(7)
+    a_path = saved(mlp(), tmp_path / "a.safetensors")
+    b_path = saved(mlp(), tmp_path / "b.safetensors")
+    result = run_cli(
+        "lmc", a_path, b_path, "--model", f"{code}:build", "--data", f"{code}:data",
+        "--align", "weights", "--alphas", "3",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    for words in ("barrier", "aligned", "no BatchNorm", "align weights"):
+        assert words in result.stdout
+
+
+def test_lmc_command_errors_are_one_line(tmp_path: Path):
+    plain = tmp_path / "plain.pt"
+    torch.save({"w": torch.zeros(2, 2)}, plain)
+    result = run_cli("lmc", plain, plain)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1
+    assert "--model module:callable" in result.stderr
+
+    result = run_cli("lmc", plain, plain, "--model", "nowhere_module_xyz:build", "--data", "x:y")
+    assert result.returncode == 1
+    assert "--model nowhere_module_xyz:build: no module named" in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+def test_help_lists_the_evaluation_commands_quickly():
+    result = run_cli("--help")
+    assert "lmc" in result.stdout and "prune-eval" in result.stdout
+    result = run_cli("lmc", "--help")
+    for flag in ("--model", "--data", "--alphas", "--split", "--max-examples", "--no-bn-reset"):
+        assert flag in result.stdout
