@@ -1,11 +1,18 @@
 """The decomposition engine: all singular values and the top-k singular vectors of a matrix.
 
 One SVD per matrix per checkpoint, reused by every later command. The route is exact in the
-sense that matters for float32 weights: the Gram matrix of the smaller side is formed in
-float64 (squaring a float32 matrix there loses nothing a float32 SVD would keep) and its
-eigenvalues are the squared singular values. A wide matrix is decomposed as its transpose.
-Vectors come from the Gram eigenvectors; where the top-k reach singular values that are
-numerically zero, the matrix falls back to a direct float64 SVD so no vector is made of noise.
+sense that matters for float32 weights: the Gram matrix WᵀW of the smaller side is formed in
+float64 (a product of two float32 numbers is exact there) and its eigenvalues are the squared
+singular values. A wide matrix is decomposed as its transpose.
+
+On the CPU the Gram matrix is reduced to tridiagonal form once (LAPACK ``dsytrd``); all its
+eigenvalues come from that tridiagonal matrix (``dsterf``), and eigenvectors only for the top k
+(``dstemr``, then ``dormqr`` to carry them back), so the O(n³) work is one reduction and no
+more. The float32 matrix is converted to float64 a block of rows at a time, never whole. On a
+CUDA device, same-shaped matrices are decomposed as one batch with ``torch.linalg.eigh``.
+
+Left vectors follow as W v / σ. Where the top-k reach singular values that are numerically
+zero, the matrix falls back to a direct float64 SVD so that no vector is made of noise.
 
 Signs are fixed so that stored vectors compare across steps: the entry of largest magnitude in
 each left vector is positive, and the right vector flips with it.
@@ -27,6 +34,10 @@ log = logging.getLogger(__name__)
 _ZERO_TOLERANCE = float(torch.finfo(torch.float32).eps)
 # The store keeps float32: larger singular values cannot be stored.
 _LARGEST = float(torch.finfo(torch.float32).max)
+# Rows of a float32 matrix converted to float64 at a time: about this many bytes.
+_BLOCK_BYTES = 8 << 20
+# Below this many columns (of the tall orientation) a full eigen-decomposition costs nothing.
+_SMALL = 32
 
 
 class DecompositionError(SpectrumError):
@@ -91,8 +102,14 @@ def check_finite(matrix: torch.Tensor) -> None:
         Naming how many NaN, +Inf and −Inf entries the matrix holds, or, for finite entries
         so large that σ₁ exceeds the largest float32 (3.4e38), the value of σ₁.
     """
+    # One pass without temporaries: NaN and ±Inf show in the extremes, and the largest entry
+    # times √(mn) bounds the Frobenius norm, itself a bound on σ₁.
+    if matrix.numel():
+        low, high = torch.aminmax(matrix)
+        peak = max(abs(float(low)), abs(float(high)))
+        if np.isfinite(peak) and peak * float(np.sqrt(matrix.numel())) <= _LARGEST:
+            return
     if bool(torch.isfinite(matrix).all()):
-        # The Frobenius norm bounds σ₁ from above: only beyond the float32 range is σ₁ computed.
         if float(torch.linalg.vector_norm(matrix, dtype=torch.float64)) <= _LARGEST:
             return
         top = float(torch.linalg.matrix_norm(matrix.to(torch.float64), ord=2))
@@ -117,16 +134,22 @@ def decompose(matrix: torch.Tensor, top_k: int, device: torch.device | None = No
     Parameters
     ----------
     matrix
-        An (m, n) floating matrix; it is read in float64.
+        An (m, n) floating matrix; float32 and float64 are read as they are, other floating
+        types are upcast to float32 first.
     top_k
         How many singular vectors to keep; at most min(m, n) are kept.
     device
         Where to compute; the CPU by default.
 
+    Returns
+    -------
+    Spectrum
+        σ (min(m, n),), u (m, k) and v (n, k), all float32.
+
     Raises
     ------
     DecompositionError
-        When the matrix holds NaN or ±Inf.
+        When the matrix holds NaN or ±Inf, or singular values beyond the float32 range.
     """
     return decompose_batch(matrix.unsqueeze(0), top_k, device)[0]
 
@@ -134,18 +157,197 @@ def decompose(matrix: torch.Tensor, top_k: int, device: torch.device | None = No
 def decompose_batch(
     matrices: torch.Tensor, top_k: int, device: torch.device | None = None
 ) -> list[Spectrum]:
-    """Decompose a stack of same-shaped matrices (B, m, n) in one batched pass.
+    """Decompose a stack of same-shaped matrices (B, m, n).
 
-    Every matrix must be finite (see `check_finite`); this is the engine's inner loop.
+    On the CPU each matrix takes the tridiagonal route in turn; on a CUDA device the stack is
+    decomposed in one batched pass.
+
+    Parameters
+    ----------
+    matrices
+        A (B, m, n) floating tensor, on any device.
+    top_k
+        How many singular vectors to keep per matrix; at most min(m, n) are kept.
+    device
+        Where to compute; the CPU by default.
+
+    Returns
+    -------
+    list of Spectrum
+        One per matrix, in order.
+
+    Raises
+    ------
+    DecompositionError
+        When any matrix holds NaN or ±Inf (see `check_finite`); the caller checks each matrix
+        first when one bad matrix should not fail the others.
     """
     device = device or torch.device("cpu")
     for matrix in matrices:
         check_finite(matrix)
+    if device.type == "cpu":
+        return [decompose_on_cpu(_as_array(matrix), top_k) for matrix in matrices]
+    return _decompose_on_device(matrices, top_k, device)
+
+
+def decompose_on_cpu(matrix: np.ndarray, top_k: int) -> Spectrum:
+    """Decompose one finite (m, n) float32 or float64 array by the tridiagonal route.
+
+    Parameters
+    ----------
+    matrix
+        The matrix; it is not copied whole (float32 rows are converted a block at a time).
+    top_k
+        How many singular vectors to keep; at most min(m, n) are kept.
+
+    Returns
+    -------
+    Spectrum
+        σ descending, top-k u and v with fixed signs, float32.
+
+    Raises
+    ------
+    DecompositionError
+        When the result does not fit float32 (`check_finite` says why beforehand).
+    """
+    # Work on the tall orientation: a wide (m < n) matrix is decomposed as its transpose (a view).
+    wide = matrix.shape[0] < matrix.shape[1]
+    w = matrix.T if wide else matrix  # (rows, cols), rows ≥ cols
+    rows, cols = w.shape
+    k = min(top_k, cols)
+
+    # Eigenvalues of the float64 Gram matrix WᵀW (cols, cols), ascending, with the top-k vectors.
+    gram = _gram(w)
+    evals, evecs = _top_eigenpairs(gram, k)
+    sigma = np.sqrt(np.clip(evals[::-1], 0.0, None))  # (cols,), descending
+    right = evecs[:, ::-1]  # (cols, k)
+
+    # Left vectors follow as W v / σ where σ is safely non-zero; else a direct SVD.
+    tolerance = _ZERO_TOLERANCE * max(rows, cols) * sigma[0] if cols else 0.0
+    if k and not sigma[k - 1] > tolerance:
+        left, sigma, vh = np.linalg.svd(w.astype(np.float64), full_matrices=False)
+        left, right = left[:, :k], vh[:k].T
+    else:
+        left = _times(w, right) / sigma[:k]  # (rows, k)
+
+    if wide:
+        left, right = right, left  # back to (m, k) and (n, k)
+    left, right = _fix_signs(left[None], right[None])
+    return _spectrum(sigma, left[0], right[0])
+
+
+def _as_array(matrix: torch.Tensor) -> np.ndarray:
+    """The matrix as a CPU array, float32 or float64, without a copy where it can be."""
+    if matrix.dtype not in (torch.float32, torch.float64):
+        matrix = matrix.to(torch.float32)
+    return matrix.detach().cpu().numpy()
+
+
+def _row_blocks(w: np.ndarray) -> list[slice]:
+    """Slices of rows holding about ``_BLOCK_BYTES`` of float64 each."""
+    rows, cols = w.shape
+    step = max(64, _BLOCK_BYTES // (8 * max(cols, 1)))
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def _float64(block: np.ndarray) -> np.ndarray:
+    """A block of rows in float64, in the memory order it has (a copy only if needed)."""
+    return np.asarray(block, dtype=np.float64, order="K")
+
+
+def _gram(w: np.ndarray) -> np.ndarray:
+    """The lower triangle of WᵀW in float64 (cols, cols), accumulated over blocks of rows."""
+    from scipy.linalg.blas import dsyrk
+
+    cols = w.shape[1]
+    gram = np.zeros((cols, cols), dtype=np.float64, order="F")
+    for rows in _row_blocks(w):
+        block = _float64(w[rows])  # (b, cols)
+        # BLAS reads Fortran order: a C-ordered block is its transpose there, (cols, b).
+        a, trans = (block, 1) if block.flags.f_contiguous else (block.T, 0)
+        gram = dsyrk(1.0, a, beta=1.0, c=gram, trans=trans, lower=1, overwrite_c=1)
+    return gram
+
+
+def _times(w: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """W x in float64 (rows, k), converting W a block of rows at a time."""
+    out = np.empty((w.shape[0], x.shape[1]), dtype=np.float64)
+    for rows in _row_blocks(w):
+        out[rows] = _float64(w[rows]) @ x
+    return out
+
+
+def _top_eigenpairs(gram: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """All eigenvalues (ascending) of a symmetric matrix and the eigenvectors of the top k.
+
+    Only the lower triangle of ``gram`` is read, and it is overwritten. The matrix is reduced
+    to tridiagonal form once; values and vectors both come from that reduction.
+    """
+    from scipy.linalg import lapack
+
+    n = gram.shape[0]
+    if n <= _SMALL:
+        evals, evecs = np.linalg.eigh(gram, UPLO="L")
+        return evals, evecs[:, n - k :]
+
+    # Reduce: gram = Q T Qᵀ, T tridiagonal (d, e), Q as reflectors below the subdiagonal.
+    lwork, info = lapack.dsytrd_lwork(n, lower=1)
+    reduced, d, e, tau, info = lapack.dsytrd(gram, lower=1, lwork=int(lwork), overwrite_a=1)
+    _check_lapack("dsytrd", info)
+
+    # The top-k eigenpairs of T by MRRR (its e holds n entries, the last one workspace).
+    vectors = np.zeros((n, 0))
+    if k:
+        padded = np.zeros(n)
+        padded[:-1] = e
+        found, _, z, info = lapack.dstemr(d.copy(), padded, 2, 0.0, 0.0, n - k + 1, n)
+        _check_lapack("dstemr", info)
+        if found != k:
+            raise DecompositionError(f"dstemr found {found} of the top {k} eigenvectors")
+
+        # Carry them back: Q z, with H(i) stored in reduced[i + 1 :, i] (LAPACK's dormtr, 'L').
+        z = np.asfortranarray(z[:, :k])  # (n, k)
+        lwork = k * 64 + 65 * 64
+        applied, _, info = lapack.dormqr(
+            b"L", b"N", reduced[1:, :-1], tau, z[1:], lwork, overwrite_c=1
+        )
+        _check_lapack("dormqr", info)
+        z[1:] = applied
+        vectors = z
+
+    # All eigenvalues of T, ascending.
+    evals, info = lapack.dsterf(d, e, overwrite_d=1, overwrite_e=1)
+    _check_lapack("dsterf", info)
+    return evals, vectors
+
+
+def _check_lapack(routine: str, info: int) -> None:
+    if info != 0:
+        raise DecompositionError(f"LAPACK {routine} did not converge (info {info})")
+
+
+def _spectrum(sigma: np.ndarray, left: np.ndarray, right: np.ndarray) -> Spectrum:
+    """Store-ready float32 arrays, with a last guard that nothing non-finite gets through."""
+    out = Spectrum(
+        sigma=np.ascontiguousarray(sigma, dtype=np.float32),
+        u=np.ascontiguousarray(left, dtype=np.float32),
+        v=np.ascontiguousarray(right, dtype=np.float32),
+    )
+    for values in (out.sigma, out.u, out.v):
+        if not np.isfinite(values).all():
+            raise DecompositionError("the decomposition gave values that float32 cannot hold")
+    return out
+
+
+def _decompose_on_device(
+    matrices: torch.Tensor, top_k: int, device: torch.device
+) -> list[Spectrum]:
+    """Decompose a stack (B, m, n) on an accelerator in one batched float64 pass."""
     batch, m, n = matrices.shape
 
     # Work on the tall orientation: a wide (m < n) matrix is decomposed as its transpose.
     wide = m < n
-    w = matrices.to(device=device, dtype=torch.float64)
+    w = matrices.to(device=device, non_blocking=True).to(torch.float64)
     if wide:
         w = w.transpose(1, 2)  # (B, n, m): tall
     rows, cols = w.shape[1:]
@@ -163,35 +365,31 @@ def decompose_batch(
     if safe:
         left = (w @ right) / sigma[:, None, :k]  # (B, rows, k)
     else:
-        left, sigma_svd, vh = torch.linalg.svd(w, full_matrices=False)
+        left, sigma, vh = torch.linalg.svd(w, full_matrices=False)
         left, right = left[..., :k], vh.transpose(1, 2)[..., :k]
-        sigma = sigma_svd
 
     if wide:
-        left, right = right, left  # back to (m, k) and (n, k)
+        left, right = right, left  # back to (B, m, k) and (B, n, k)
     left, right = _fix_signs(left, right)
-
-    # A last guard: nothing non-finite reaches the store (check_finite should have said why).
-    for values in (sigma, left, right):
-        if not bool(torch.isfinite(values.to(torch.float32)).all()):
-            raise DecompositionError("the decomposition gave values that float32 cannot hold")
-
-    out = []
-    for i in range(batch):
-        out.append(
-            Spectrum(
-                sigma=sigma[i].to("cpu", torch.float32).numpy(),
-                u=left[i].to("cpu", torch.float32).numpy(),
-                v=right[i].to("cpu", torch.float32).numpy(),
-            )
-        )
-    return out
+    host = [t.to(torch.float32).to("cpu", non_blocking=True) for t in (sigma, left, right)]
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+    sigma, left, right = (t.numpy() for t in host)
+    return [_spectrum(sigma[i], left[i], right[i]) for i in range(batch)]
 
 
-def _fix_signs(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flip each (u, v) pair so the largest-magnitude entry of u is positive."""
+def _fix_signs(left, right):
+    """Flip each (u, v) pair so the largest-magnitude entry of u is positive.
+
+    Works on stacks (B, rows, k) of NumPy arrays or torch tensors alike.
+    """
     if left.shape[-1] == 0:
         return left, right
+    if isinstance(left, np.ndarray):
+        peak = np.abs(left).argmax(axis=-2)[:, None, :]  # (B, 1, k)
+        signs = np.sign(np.take_along_axis(left, peak, axis=-2))
+        signs[signs == 0] = 1.0
+        return left * signs, right * signs
     peak = left.abs().argmax(dim=-2, keepdim=True)  # (B, 1, k)
     signs = torch.sign(torch.gather(left, -2, peak))
     signs = torch.where(signs == 0, torch.ones_like(signs), signs)
