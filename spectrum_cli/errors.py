@@ -29,4 +29,10 @@ class StoreError(SpectrumError):
 
 
 class EvaluationError(SpectrumError):
-    """A model or data callable cannot be loaded or does not fit the checkpoint."""
+    """A model or data callable cannot be loaded or does not fit the checkpoint.
+
+    Bad input the user chose (``--model``, ``--data``): the command stops before it measures
+    anything, as for a usage error.
+    """
+
+    exit_code = 2

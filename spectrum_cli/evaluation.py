@@ -49,7 +49,8 @@ import logging
 import re
 import sys
 import zlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -444,13 +445,15 @@ class Evaluator:
                 f"splits: {', '.join(self.split_names)}"
             )
         if split not in self._batches:
-            self._batches[split] = split_batches(
-                self.data.splits[split],
-                batch_size=self.batch_size,
-                max_examples=self.max_examples,
-                device=self.device,
-                where=f"split {split!r} of {self.data_source}",
-            )
+            where = f"split {split!r} of {self.data_source}"
+            with _user_code(f"reading {where}", "check what the data callable returns"):
+                self._batches[split] = split_batches(
+                    self.data.splits[split],
+                    batch_size=self.batch_size,
+                    max_examples=self.max_examples,
+                    device=self.device,
+                    where=where,
+                )
         return self._batches[split]
 
     def evaluate(self, split: str) -> Scores:
@@ -462,14 +465,12 @@ class Evaluator:
             If the model fails on the data (wrong input shape, outputs the loss cannot take).
         """
         batches = self.batches(split)
-        try:
+        with _user_code(
+            f"evaluating the model from {self.model_source} on split {split!r} of "
+            f"{self.data_source}",
+            "check that the data fit the model and its loss",
+        ):
             return evaluate(self.model, batches, self.data.loss_fn, self.data.error_fn)
-        except (RuntimeError, TypeError, ValueError, IndexError) as error:
-            raise EvaluationError(
-                f"evaluating the model from {self.model_source} on split {split!r} of "
-                f"{self.data_source} failed: {type(error).__name__}: {_first_line(error)}; "
-                "check that the data fit the model and its loss"
-            ) from error
 
     def reset_batchnorm(self) -> None:
         """Recompute BatchNorm running statistics of the current weights on the train split.
@@ -487,8 +488,26 @@ class Evaluator:
             )
         # update_bn calls model(batch[0]) for tuple batches: wrap the inputs so they pass whole.
         loader = [(inputs,) for inputs, _ in self.batches(TRAIN_SPLIT)]
-        update_bn(loader, _Caller(self.model))
+        with _user_code(
+            f"recomputing BatchNorm statistics on the {TRAIN_SPLIT!r} split of {self.data_source}",
+            "check that the data fit the model, or pass --no-bn-reset",
+        ):
+            update_bn(loader, _Caller(self.model))
         self.model.eval()
+
+
+@contextmanager
+def _user_code(doing: str, remedy: str) -> Iterator[None]:
+    """Turn any exception from the user's model, data or loss into one EvaluationError line."""
+    try:
+        yield
+    except SpectrumError:
+        raise
+    except Exception as error:
+        raise EvaluationError(
+            f"{doing} failed: {type(error).__name__}: {_first_line(error)}; {remedy} "
+            "(--verbose shows the traceback)"
+        ) from error
 
 
 class _Caller(nn.Module):

@@ -40,7 +40,7 @@ import torch
 from numpy.typing import ArrayLike
 
 from spectrum_cli.checkpoints import load_tensors
-from spectrum_cli.errors import CheckpointError, EvaluationError, StoreError, UsageError
+from spectrum_cli.errors import EvaluationError, StoreError, UsageError
 from spectrum_cli.evaluation import Evaluator, Scores, call_model, state_differences
 from spectrum_cli.matrices import as_matrix, matrix_info
 from spectrum_cli.metrics.agreement import SCORE_INDICES, agreement_score
@@ -150,7 +150,7 @@ def pair_checkpoints(a: Path, b: Path) -> tuple[Tensors, Tensors]:
 
     Raises
     ------
-    CheckpointError
+    UsageError
         One message listing every entry found on one side only, and every entry whose shape or
         kind (floating or integer) differs.
     """
@@ -159,7 +159,7 @@ def pair_checkpoints(a: Path, b: Path) -> tuple[Tensors, Tensors]:
         a_tensors, b_tensors, f"only in A ({Path(a).name})", f"only in B ({Path(b).name})"
     )
     if problems:
-        raise CheckpointError(
+        raise UsageError(
             f"{a} and {b} do not pair by layer: {'; '.join(problems)}; interpolate two "
             "checkpoints of one architecture"
         )
@@ -581,7 +581,8 @@ def top_vectors(tensors: Mapping[str, torch.Tensor], known: Vectors | None = Non
     tensors
         A checkpoint's tensors.
     known
-        Vectors read from a store; used for a layer when their shapes fit its matrix.
+        Vectors read from a store; used for a layer when they are its matrix's top singular
+        pairs (at least 10 of them, or all there are).
 
     Returns
     -------
@@ -596,17 +597,42 @@ def top_vectors(tensors: Mapping[str, torch.Tensor], known: Vectors | None = Non
         info = matrix_info(name, tensor)
         if info is None:
             continue
+        matrix = as_matrix(tensor)  # (out, in·k…)
         stored = known.get(name)
-        if stored is not None and (stored[0].shape[0], stored[1].shape[0]) == info.shape:
+        if stored is not None and _are_singular_pairs(matrix, *stored):
             vectors[name] = stored
             continue
+        if stored is not None:
+            log.warning(
+                "%s: the stored singular vectors do not fit the checkpoint (changed since it was "
+                "analysed?); decomposing it",
+                name,
+            )
         try:
-            spectrum = decompose(as_matrix(tensor), SCORE_INDICES)  # (m, n) → u (m, k), v (n, k)
+            spectrum = decompose(matrix, SCORE_INDICES)  # (m, n) → u (m, k), v (n, k)
         except DecompositionError as error:
             log.warning("%s: no singular vectors: %s", name, error)
             continue
         vectors[name] = (spectrum.u, spectrum.v)
     return vectors
+
+
+def _are_singular_pairs(matrix: torch.Tensor, u: np.ndarray, v: np.ndarray) -> bool:
+    """Whether stored vectors hold the top singular pairs of a matrix: W v_i = σ_i u_i, i < 10.
+
+    A store matches a checkpoint by path and size; this catches a checkpoint overwritten since
+    (a run trained again into the same folder) at the cost of one product W V.
+    """
+    m, n = matrix.shape
+    k = min(SCORE_INDICES, m, n)
+    if u.shape != (m, u.shape[1]) or v.shape != (n, v.shape[1]) or min(u.shape[1], v.shape[1]) < k:
+        return False
+    w = matrix.to(torch.float64)
+    u_k = torch.from_numpy(np.asarray(u[:, :k], dtype=np.float64))  # (m, k)
+    wv = w @ torch.from_numpy(np.asarray(v[:, :k], dtype=np.float64))  # (m, k)
+    sigma = (u_k * wv).sum(dim=0)  # (k,)
+    residual = torch.linalg.norm(wv - u_k * sigma)
+    return bool(residual <= 1e-3 * torch.linalg.norm(w))
 
 
 def layer_agreements(

@@ -236,6 +236,26 @@ def test_custom_loss_and_no_error(user_file):
 # ---------------------------------------------------------------------------- the evaluator
 
 
+def test_any_failure_of_the_user_data_or_loss_is_one_evaluation_error():
+    x, y = classifier_data()
+
+    def broken_loss(outputs, targets):
+        return {"mean": outputs.mean()}["sum"]
+
+    class FailingLoader:
+        def __iter__(self):
+            yield x[:8], y[:8]
+            raise FileNotFoundError("shard-2.bin")
+
+    data = EvaluationData({"train": (x, y), "test": FailingLoader()}, loss_fn=broken_loss)
+    evaluator = Evaluator(nn.Linear(4, 3), data, "a model", "the data")
+    with pytest.raises(EvaluationError, match=r"on split 'train' of the data failed: KeyError"):
+        evaluator.evaluate("train")
+    with pytest.raises(EvaluationError, match=r"reading split 'test'.*FileNotFoundError: shard-2"):
+        evaluator.batches("test")
+    assert EvaluationError.exit_code == 2
+
+
 def test_a_checkpoint_that_does_not_fit_is_reported_with_every_difference(user_file):
     evaluator = evaluator_for(Path("unused"), f"{user_file}:build", f"{user_file}:splits")
     state = {name: t.detach().clone() for name, t in evaluator.model.state_dict().items()}

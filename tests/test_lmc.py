@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 from torch import nn
 
-from spectrum_cli.errors import CheckpointError, EvaluationError, UsageError
+from spectrum_cli.errors import EvaluationError, UsageError
 from spectrum_cli.evaluation import EvaluationData, Evaluator, evaluator_for
 from spectrum_cli.lmc import (
     LinearPath,
@@ -23,6 +23,7 @@ from spectrum_cli.lmc import (
     linear_mode_connectivity,
     pair_checkpoints,
     permute_units,
+    top_vectors,
     unit_chain,
     weight_matching,
 )
@@ -132,13 +133,24 @@ def test_checkpoints_that_do_not_pair_are_reported_in_one_message(tmp_path: Path
     b = {"embed.weight": torch.zeros(120, 8), "fc.weight": torch.zeros(4, 8), "new": torch.ones(2)}
     save_file(a, tmp_path / "a.safetensors")
     save_file(b, tmp_path / "b.safetensors")
-    with pytest.raises(CheckpointError) as raised:
+    with pytest.raises(UsageError) as raised:
         pair_checkpoints(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
     message = str(raised.value)
     assert "only in A (a.safetensors): old" in message
     assert "only in B (b.safetensors): new" in message
     assert "embed.weight (100, 8) vs (120, 8)" in message
     assert "\n" not in message
+
+
+def test_entries_pair_by_normalised_name(tmp_path: Path):
+    torch.manual_seed(8)
+    model_a, model_b = mlp(), mlp()
+    wrapped = {f"module._orig_mod.{name}": t for name, t in model_a.state_dict().items()}
+    save_file(wrapped, tmp_path / "a.safetensors")
+    b_path = saved(model_b, tmp_path / "b.safetensors")
+    a, b = pair_checkpoints(tmp_path / "a.safetensors", b_path)
+    assert list(a) == list(b) == sorted(model_b.state_dict())
+    assert torch.equal(a["0.weight"], model_a[0].weight.detach())
 
 
 def test_interpolation_is_float32_and_integer_buffers_come_from_a(tmp_path: Path):
@@ -178,6 +190,43 @@ def test_the_same_checkpoint_on_both_ends_has_barrier_exactly_zero(tmp_path, bui
         assert barrier is not None
         assert barrier.height == 0.0
         assert barrier.height_over_mean == 0.0
+
+
+class _Recording(nn.Sequential):
+    """The MLP, recording at every call whether inference mode is on and where its data are."""
+
+    def __init__(self) -> None:
+        super().__init__(*mlp())
+        self.calls: list[tuple[bool, int, int]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append(
+            (torch.is_inference_mode_enabled(), self[0].weight.data_ptr(), x.data_ptr())
+        )
+        return super().forward(x)
+
+
+def test_every_point_is_written_into_one_model_and_scored_in_inference_mode(tmp_path: Path):
+    torch.manual_seed(9)
+    a, b = pair_checkpoints(
+        saved(mlp(), tmp_path / "a.safetensors"), saved(mlp(), tmp_path / "b.safetensors")
+    )
+    model = _Recording()
+    evaluator = Evaluator(model, data_for(mlp()), "m", "d", batch_size=16)
+    pointers = [t.data_ptr() for t in evaluator.entries.values()]
+    path = LinearPath(evaluator, a, b, bn_reset=True)
+    for alpha in (0.0, 0.25, 0.5, 1.0):
+        path.evaluate_at(alpha, "train")
+        assert torch.equal(
+            model[2].weight.detach(), torch.lerp(a["2.weight"], b["2.weight"], alpha)
+        )
+
+    # 64 examples in batches of 16: four calls per point, on the same weights and kept inputs.
+    assert len(model.calls) == 4 * 4
+    assert all(inference for inference, _, _ in model.calls)
+    assert {pointer for _, pointer, _ in model.calls} == {pointers[0]}
+    assert len({x for _, _, x in model.calls}) == 4
+    assert [t.data_ptr() for t in evaluator.entries.values()] == pointers
 
 
 def test_batchnorm_statistics_are_recomputed_on_the_train_split(tmp_path: Path):
@@ -308,9 +357,10 @@ def test_siblings_spawned_later_agree_more_and_strangers_have_a_barrier():
         evaluator,
     )
 
-    first = [agreement[step]["0.weight"] for step in ("0000", "0250", "1000", "2000")]
-    assert first == sorted(first)
-    assert first[0] < 0.85 and first[-1] > 0.99
+    for layer in ("0.weight", "2.weight", "4.weight"):
+        scores = [agreement[step][layer] for step in ("0000", "0250", "1000", "2000")]
+        assert scores == sorted(scores), layer
+    assert agreement["0000"]["0.weight"] < 0.85 and agreement["2000"]["0.weight"] > 0.99
     assert all(score > 0.95 for score in agreement["2000"].values())
     assert all(abs(height) < 0.01 for height in barrier.values())
 
@@ -339,6 +389,24 @@ def test_agreement_comes_from_a_store_that_holds_both_checkpoints(tmp_path: Path
     )
 
 
+def test_stored_vectors_are_used_only_where_they_are_the_matrix_singular_pairs():
+    torch.manual_seed(10)
+    tensors = {name: t.detach() for name, t in mlp().state_dict().items()}
+    computed = top_vectors(tensors)
+    other = top_vectors({name: t.detach() for name, t in mlp().state_dict().items()})
+    known = {
+        "0.weight": computed["0.weight"],  # the same matrix: used
+        "2.weight": other["2.weight"],  # another matrix of that shape (a checkpoint since changed)
+        "4.weight": tuple(x[:, :2] for x in computed["4.weight"]),  # fewer than 10 directions
+    }
+    vectors = top_vectors(tensors, known)
+    assert vectors["0.weight"] is known["0.weight"]
+    for layer in ("2.weight", "4.weight"):
+        assert vectors[layer] is not known[layer]
+        assert np.allclose(vectors[layer][0], computed[layer][0])
+        assert vectors[layer][0].shape[1] == min(10, *tensors[layer].shape)
+
+
 # ---------------------------------------------------------------------------- the command line
 
 
@@ -355,6 +423,23 @@ def test_lmc_command_on_samples_needs_no_flags(tmp_path: Path):
     assert [row["layer"] for row in report["layers"]] == ["0.weight", "2.weight", "4.weight"]
     assert plot.read_bytes()[:4] == b"\x89PNG"
     assert "wrote" in result.stderr and "wrote" not in result.stdout
+
+
+def test_lmc_command_measures_the_split_and_examples_asked_for():
+    a, b = SPAWN / "spawn-1000" / "child-a" / FINAL, SPAWN / "spawn-1000" / "child-b" / FINAL
+    result = run_cli(
+        "lmc", a, b, "--split", "val", "--max-examples", "50", "--alphas", "3", "--format", "json"
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["split"] == "val" and report["examples"] == 50
+    assert len(report["loss"]) == len(report["error"]) == 3
+
+    csv = run_cli("lmc", a, b, "--alphas", "3", "--max-examples", "50", "--format", "csv")
+    assert csv.returncode == 0, csv.stderr
+    lines = csv.stdout.splitlines()
+    assert lines[0] == "alpha,loss,error" and len(lines) == 4
+    assert lines[2].startswith("0.5,")
 
 
 def test_lmc_command_with_user_model_and_data(tmp_path: Path):
@@ -391,9 +476,35 @@ def test_lmc_command_errors_are_one_line(tmp_path: Path):
     assert "--model module:callable" in result.stderr
 
     result = run_cli("lmc", plain, plain, "--model", "nowhere_module_xyz:build", "--data", "x:y")
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "--model nowhere_module_xyz:build: no module named" in result.stderr
     assert result.stderr.count("\n") == 1
+
+    other = SAMPLES / "modadd-wd" / "step_003000.safetensors"
+    result = run_cli("lmc", PARENT_FINAL, other)
+    assert result.returncode == 2 and result.stdout == ""
+    assert "do not pair by layer: shapes differ: 0.weight (128, 64) vs (128, 118)" in result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_a_pickled_checkpoint_runs_no_code(tmp_path: Path):
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    code = tmp_path / "task.py"
+    code.write_text(
+        "import torch\nfrom torch import nn\n"
+        "def build():\n    return nn.Linear(2, 2)\n"
+        "def data():\n    return {'train': (torch.zeros(4, 2), torch.zeros(4, dtype=torch.long))}\n"
+    )
+    evil = tmp_path / "evil.pt"
+    torch.save({"weight": torch.zeros(2, 2), "bias": torch.zeros(2), "extra": Payload()}, evil)
+    result = run_cli("lmc", evil, evil, "--model", f"{code}:build", "--data", f"{code}:data")
+    assert not marker.exists()
+    assert "Traceback" not in result.stderr
 
 
 def test_help_lists_the_evaluation_commands_quickly():
