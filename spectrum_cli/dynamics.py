@@ -204,6 +204,17 @@ class DiagonalSeries:
         start = 0 if not len(below) else int(below[-1]) + 1
         return int(self.steps[start]) if start < len(self.steps) else None
 
+    def settled_label(self, threshold: float = SETTLED) -> str:
+        """:meth:`settled_step` in words: the step, ``never``, or ``end`` when against the final
+        step only the final step itself (which always scores 1) reaches ``threshold``."""
+        step = self.settled_step(threshold)
+        if step is None:
+            return "never"
+        final = self.extra.get("reference") == "final"
+        if final and len(self.steps) > 1 and step == int(self.steps[-1]):
+            return "end"
+        return str(step)
+
 
 def stability_series(
     store: Store,

@@ -61,6 +61,7 @@ from torch import nn
 
 from spectrum_cli.checkpoints import normalise_name, read_metadata
 from spectrum_cli.errors import EvaluationError, SpectrumError, UsageError
+from spectrum_cli.samples import METADATA_KEY, rebuild_sample
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +69,6 @@ log = logging.getLogger(__name__)
 TRAIN_SPLIT = "train"
 #: Examples per batch when a split is given as whole tensors.
 DEFAULT_BATCH_SIZE = 1024
-
-# The metadata key of sample checkpoints (spectrum_cli.samples.METADATA_KEY, read without
-# importing that package until a sample is really rebuilt).
-_SAMPLE_KEY = "spectrum"
 
 LossFn = Callable[[Any, Any], Any]
 Batch = tuple[Any, torch.Tensor]
@@ -307,7 +304,7 @@ def data_from_spec(spec: str) -> EvaluationData:
 def is_sample(checkpoint: Path) -> bool:
     """Whether a checkpoint carries sample metadata that rebuilds its model and data."""
     try:
-        return _SAMPLE_KEY in read_metadata(Path(checkpoint))
+        return METADATA_KEY in read_metadata(Path(checkpoint))
     except (SpectrumError, OSError, ValueError):
         return False
 
@@ -325,17 +322,9 @@ def sample_model_and_data(checkpoint: Path) -> tuple[nn.Module, EvaluationData]:
     tuple
         The model, and its ``train`` and ``val`` splits with cross-entropy and top-1 error.
     """
-    from spectrum_cli import samples
-
-    metadata = samples.read_metadata(Path(checkpoint))
-    for key in ("task", "arch", "data"):
-        if key not in metadata:
-            raise EvaluationError(f"{checkpoint}: sample metadata lacks {key!r}")
-    model = samples.build_model(metadata["arch"])
-    root = samples.find_samples_root(Path(checkpoint))
-    task = samples.build_data(metadata["task"], metadata["data"], root=root)
-    splits = {"train": (task.train.x, task.train.y), "val": (task.val.x, task.val.y)}
-    return model, EvaluationData(splits)
+    sample = rebuild_sample(Path(checkpoint))
+    train, val = sample.data.train, sample.data.val
+    return sample.model, EvaluationData({"train": (train.x, train.y), "val": (val.x, val.y)})
 
 
 # ---------------------------------------------------------------------------- the evaluator
@@ -571,7 +560,7 @@ def evaluator_for(
         model_source = data_source = f"the sample metadata of {Path(checkpoint).name}"
     else:
         raise UsageError(
-            f"{checkpoint} is not a sample checkpoint (no {_SAMPLE_KEY!r} metadata); pass "
+            f"{checkpoint} is not a sample checkpoint (no {METADATA_KEY!r} metadata); pass "
             "--model module:callable and --data module:callable that build its model and data"
         )
     device = device or torch.device("cpu")

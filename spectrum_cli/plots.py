@@ -444,13 +444,18 @@ def interpolation_figure(
         aligned = [np.nan if score is None else score for _, _, score in agreements]
         has_aligned = not all(np.isnan(aligned))
         height = 0.4 if has_aligned else 0.7
-        ax.barh(rows, plain, height=height, color="tab:blue", label="as saved")
+        bars = [ax.barh(rows, plain, height=height, color="tab:blue", label="as saved")]
         if has_aligned:
-            ax.barh(rows + height, aligned, height=height, color="tab:orange", label="aligned")
-            ax.legend(fontsize=7, loc="best")
+            bars.append(
+                ax.barh(rows + height, aligned, height=height, color="tab:orange", label="aligned")
+            )
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
+        for container in bars:
+            ax.bar_label(container, fmt="%.2f", padding=2, fontsize=7)
         ax.set_yticks(rows + (height / 2 if has_aligned else 0), names, fontsize=7)
         ax.invert_yaxis()
-        ax.set_xlim(0, 1.02)
+        ax.set_xlim(0, 1.12)  # room for the labels
+        ax.set_xticks(np.linspace(0, 1, 6))
         ax.set_xlabel("top-10 agreement score, A against B")
         ax.grid(alpha=0.3, axis="x")
     figure.suptitle(title, fontsize=10)

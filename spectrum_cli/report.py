@@ -185,8 +185,9 @@ def _provenance(store: Any, selection: Sequence[Any], metrics: Path | None) -> s
             "min(m, n).</li>",
             "<li><b>Agreement</b>: S<sub>ij</sub>(t) = |(u<sub>i</sub>(t)·u<sub>j</sub>(T)) "
             "(v<sub>i</sub>(t)·v<sub>j</sub>(T))| with T the final step; the score is the mean "
-            "of S<sub>ii</sub> over the first 10 indices. A direction counts as settled from "
-            f"the step after which the score stays ≥ {dynamics.SETTLED}.</li>",
+            "of S<sub>ii</sub> over the first 10 indices. A layer's top directions count as "
+            f"settled from the first step after which the score stays ≥ {dynamics.SETTLED} "
+            "(<i>end</i>: only at the final step, which scores 1 by definition).</li>",
             "<li><b>Alignment</b>: A<sub>jk</sub> = |u<sub>j</sub>(W<sub>ℓ</sub>) · "
             "v<sub>k</sub>(W<sub>ℓ+1</sub>)| for consecutive matrices whose sizes connect; "
             "for a convolution after a convolution, the later kernel's right vectors are cut to "
@@ -236,14 +237,13 @@ def _stability_table(series: Sequence[Any]) -> str:
 
     rows = []
     for one in series:
-        settled = one.settled_step()
         rows.append(
             (
                 _e(one.layer),
                 _e(_span(one.steps)),
                 f"{one.score[0]:.3f}",
                 f"{one.score.min():.3f}",
-                "never" if settled is None else str(settled),
+                _e(one.settled_label()),
                 _trend(sparkline(one.score)),
             )
         )

@@ -20,6 +20,12 @@ layer it follows there, whatever order the checkpoints are written in. A layer's
 dtype are those of the first checkpoint written with it; a later step whose matrix has another
 shape is stored as failed.
 
+Node names: a run's group is its path, a layer's group its name, each path segment as given
+except where it could not be one: ``%``, ``/``, ``\\`` and NUL are percent-encoded (a layer
+``encoder/kernel`` is the group ``encoder%2Fkernel``), the segments ``""``, ``.``, ``..`` and
+``zarr.json`` get the prefix ``%%``, and a segment longer than a file name may be is shortened
+and ends in ``%%`` and a hash. The ``runs`` and ``layers`` attributes keep the names as given.
+
 Crash safety: a checkpoint counts as done only once its ``checkpoints`` entry is written, after
 all its rows. Readers take a row's status from its array only for done steps and read every
 other row as not computed, so a run killed part-way leaves rows that nobody reads and that the
@@ -32,6 +38,7 @@ lock file beside the store.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -39,7 +46,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -62,6 +69,14 @@ ARRAYS: dict[str, tuple[str, tuple[str, ...]]] = {
 _ROWS_PER_CHUNK = {"step": 1024, "status": 1024, "sigma": 64, "u": 1, "v": 1}
 # The temporary name Zarr's local store writes a document under before renaming it.
 _PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")
+# Characters a path segment cannot hold as they are (Zarr reads a backslash as a separator).
+_ESCAPED = re.compile(r"[%/\\\x00]")
+# Segments that name something else: the node itself, its parent, its metadata document.
+_RESERVED = ("", ".", "..", "zarr.json")
+# The longest segment kept whole, in bytes; file systems allow 255.
+_LONGEST_SEGMENT = 200
+# What reading a damaged metadata document or chunk raises inside Zarr.
+_DAMAGED = (ValueError, TypeError, KeyError, AttributeError, OSError, RuntimeError)
 
 
 @dataclass(frozen=True)
@@ -108,14 +123,12 @@ class Store:
     @classmethod
     def open(cls, path: Path | str) -> Store:
         """Open an existing store for reading; StoreError if it is missing or not format 1."""
-        import zarr
-
         path = Path(path)
         if not (path / "zarr.json").is_file():
             hint = "run `spectrum analyze CHECKPOINTS --store PATH` first"
             what = "is not a Zarr store" if path.exists() else "does not exist"
             raise StoreError(f"{path} {what}; {hint}")
-        root = zarr.open_group(path, mode="r")
+        root = _open_root(path, mode="r")
         _check_format(path, dict(root.attrs))
         return cls(path, root, writable=False)
 
@@ -133,22 +146,33 @@ class Store:
         path = Path(path)
         if path.exists() and not path.is_dir():
             raise StoreError(f"{path} is a file, not a spectra store; pass another --store")
-        lock = FileLock(str(lock_path(path)))
+
+        # Create the lock file first: filelock reports a file it cannot create as held.
+        lock_file = lock_path(path)
+        try:
+            lock_file.parent.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644))
+        except OSError as error:
+            raise StoreError(
+                f"cannot create the lock file {lock_file}: {error.strerror}; "
+                "pass a --store in a folder you can write to"
+            ) from None
+        lock = FileLock(str(lock_file))
         try:
             lock.acquire(timeout=0)
         except Timeout:
             raise StoreError(
-                f"{path} is being written by another spectrum process (lock {lock_path(path)}); "
+                f"{path} is being written by another spectrum process (lock {lock_file}); "
                 "wait for it to finish or pass another --store"
             ) from None
         except OSError as error:
             raise StoreError(
-                f"cannot create the lock file {lock_path(path)}: {error.strerror}; "
+                f"cannot lock {lock_file}: {error.strerror}; "
                 "pass a --store in a folder you can write to"
             ) from None
         try:
             if (path / "zarr.json").is_file():
-                root = zarr.open_group(path, mode="r+")
+                root = _open_root(path, mode="r+")
                 attrs = dict(root.attrs)
                 _check_format(path, attrs)
                 if attrs["top_k"] != top_k:
@@ -194,7 +218,7 @@ class Store:
         if run not in self.runs():
             known = ", ".join(self.runs()) or "none"
             raise StoreError(f"no run {run!r} in {self.path} (runs: {known})")
-        return self._root[run]
+        return self._node(run_path(run))
 
     def _run_attrs(self, run: str) -> dict[str, Any]:
         return dict(self._run_group(run).attrs)
@@ -216,10 +240,19 @@ class Store:
         return dict(self._layer_group(run, layer).attrs)
 
     def _layer_group(self, run: str, layer: str) -> Any:
-        group = self._run_group(run)
         if layer not in self.layers(run):
             raise StoreError(f"no layer {layer!r} in run {run!r} of {self.path}")
-        return group[layer]
+        return self._node(layer_path(run, layer))
+
+    def _node(self, path: str) -> Any:
+        """The group at a path inside the store; StoreError if its document is damaged."""
+        try:
+            return self._root[path]
+        except _DAMAGED as error:
+            raise StoreError(
+                f"cannot read {self.path / path / 'zarr.json'}: {_brief(error)}; the store is "
+                "damaged: re-run `spectrum analyze` into a new --store"
+            ) from None
 
     def status(self, run: str, layer: str) -> tuple[np.ndarray, np.ndarray]:
         """(steps, status) of every allocated row, sorted by step."""
@@ -230,7 +263,8 @@ class Store:
     def _row_status(self, run: str, layer: str) -> tuple[np.ndarray, np.ndarray]:
         """(steps, status) in row order; rows of steps not done read as not computed."""
         group = self._layer_group(run, layer)
-        steps, status = group["step"][:], group["status"][:]
+        with self._reading(run, layer):
+            steps, status = group["step"][:], group["status"][:]
         done = np.isin(steps, np.asarray(self.done_steps(run), dtype=np.int64))
         return steps, np.where(done, status, NOT_COMPUTED).astype(np.uint8)
 
@@ -248,13 +282,28 @@ class Store:
         rows = rows[np.argsort(steps[rows], kind="stable")]
         out: dict[str, np.ndarray] = {}
         for field in fields:
-            array = group[field]
-            # Contiguous row ranges read as slices; a scattered few as a list.
-            if len(rows) and np.array_equal(rows, np.arange(rows[0], rows[-1] + 1)):
-                out[field] = array[int(rows[0]) : int(rows[-1]) + 1]
-            else:
-                out[field] = array.oindex[rows] if len(rows) else np.empty((0, *array.shape[1:]))
+            with self._reading(run, layer, field):
+                array = group[field]
+                # Contiguous row ranges read as slices; a scattered few as a list.
+                if len(rows) and np.array_equal(rows, np.arange(rows[0], rows[-1] + 1)):
+                    out[field] = array[int(rows[0]) : int(rows[-1]) + 1]
+                elif len(rows):
+                    out[field] = array.oindex[rows]
+                else:
+                    out[field] = np.empty((0, *array.shape[1:]), dtype=array.dtype)
         return LayerRows(steps=steps[rows], **out)
+
+    @contextmanager
+    def _reading(self, run: str, layer: str, field: str = "step") -> Iterator[None]:
+        """Turn what Zarr raises on a damaged array into a StoreError naming the array."""
+        try:
+            yield
+        except _DAMAGED as error:
+            where = self.path / layer_path(run, layer) / field
+            raise StoreError(
+                f"cannot read {where} (run {run!r}, layer {layer!r}): {_brief(error)}; the store "
+                "is damaged: re-run `spectrum analyze` into a new --store"
+            ) from None
 
     # ------------------------------------------------------------------ writing
 
@@ -262,17 +311,23 @@ class Store:
         """Allocate rows for new steps of a run (creating the run if it is new)."""
         self._require_writable()
         if run not in self.runs():
-            self._root.require_group(run).attrs.update(
+            taken = self._layer_at(run_path(run))
+            if taken is not None:
+                raise StoreError(
+                    f"run {run!r} would be stored where {self.path} keeps layer {taken[1]!r} of "
+                    f"run {taken[0]!r}; rename the folder of run {run!r} or pass another --store"
+                )
+            self._root.require_group(run_path(run)).attrs.update(
                 {"spectrum_node": "run", "steps": [], "layers": [], "checkpoints": {}}
             )
             self._root.attrs["runs"] = [*self.runs(), run]
-        group = self._root[run]
+        group = self._node(run_path(run))
         known = list(group.attrs.get("steps", []))
         new = [s for s in sorted(set(steps)) if s not in set(known)]
         if new:
             group.attrs["steps"] = known + new
         for layer in self.layers(run):
-            self._ensure_rows(group[layer], known + new)
+            self._ensure_rows(self._node(layer_path(run, layer)), known + new)
 
     def write_checkpoint(
         self, run: str, step: int, results: list[LayerResult], source: dict[str, Any]
@@ -286,23 +341,34 @@ class Store:
             failure, and those whose matrix shape differs from the one stored earlier.
         """
         self._require_writable()
-        group = self._root[run]
+        group = self._node(run_path(run))
         steps = list(group.attrs["steps"])
         row = steps.index(step)
 
         # Create the layers seen for the first time, then list them in the checkpoint's order.
+        # A layer whose group would be another run's is refused, and nothing of it is stored.
+        failures: dict[str, str] = {}
         known = list(group.attrs.get("layers", []))
         for result in results:
-            if result.layer not in known:
+            if result.layer in known:
+                continue
+            other = self._run_at(layer_path(run, result.layer))
+            if other is not None:
+                failures[result.layer] = (
+                    f"not stored: its group would be that of run {other!r}; rename the folder "
+                    f"of run {other!r} or analyse it into another --store"
+                )
+            else:
                 self._create_layer(group, steps, result)
-        layers = _merge_order(known, [result.layer for result in results])
+        stored = [result for result in results if result.layer not in failures]
+        layers = _merge_order(known, [result.layer for result in stored])
         if layers != known:
             group.attrs["layers"] = layers
 
         # Write every row, then mark the step done.
-        failures = {}
-        for result in results:
-            failure = self._write_row(group[result.layer], steps, row, step, result)
+        for result in stored:
+            layer = self._node(layer_path(run, result.layer))
+            failure = self._write_row(layer, steps, row, step, result)
             if failure is not None:
                 failures[result.layer] = failure
         checkpoints = dict(group.attrs.get("checkpoints", {}))
@@ -340,7 +406,7 @@ class Store:
 
         A group of that name not yet listed is a leftover of an interrupted run: it is replaced.
         """
-        layer = group.create_group(result.layer, overwrite=True)
+        layer = group.create_group(_segment(result.layer), overwrite=True)
         layer.attrs.update(
             {
                 "tensor_shape": list(result.tensor_shape),
@@ -381,9 +447,70 @@ class Store:
         if not np.array_equal(layer["step"][: len(steps)], labels):
             layer["step"][: len(steps)] = labels
 
+    def _run_at(self, path: str) -> str | None:
+        """The listed run whose group is at ``path`` or inside it, if any."""
+        for run in self.runs():
+            if run_path(run) == path or run_path(run).startswith(path + "/"):
+                return run
+        return None
+
+    def _layer_at(self, path: str) -> tuple[str, str] | None:
+        """The (run, layer) whose group is at ``path`` or holds it, if any."""
+        segments = path.split("/")
+        for run in self.runs():
+            depth = len(run_path(run).split("/"))
+            if depth >= len(segments) or "/".join(segments[:depth]) != run_path(run):
+                continue
+            for layer in self.layers(run):
+                if _segment(layer) == segments[depth]:
+                    return run, layer
+        return None
+
     def _require_writable(self) -> None:
         if not self._writable:
             raise StoreError(f"{self.path} was opened for reading")
+
+
+def run_path(run: str) -> str:
+    """The path of a run's group inside the store: its folder path, segment by segment."""
+    return "/".join(_segment(part) for part in run.split("/"))
+
+
+def layer_path(run: str, layer: str) -> str:
+    """The path of a layer's group inside the store."""
+    return f"{run_path(run)}/{_segment(layer)}"
+
+
+def _segment(name: str) -> str:
+    """A name as one path segment that names nothing else (see the module docstring)."""
+    segment = _ESCAPED.sub(lambda match: f"%{ord(match.group()):02X}", name)
+    if segment in _RESERVED:
+        return f"%%{segment}"
+    encoded = segment.encode()
+    if len(encoded) > _LONGEST_SEGMENT:
+        digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+        head = encoded[: _LONGEST_SEGMENT - 20].decode("utf-8", "ignore")
+        return f"{head}%%{digest}"
+    return segment
+
+
+def _open_root(path: Path, mode: Literal["r", "r+", "a", "w", "w-"]) -> Any:
+    """The root group of a store; StoreError if its document is damaged or not a group's."""
+    import zarr
+
+    try:
+        return zarr.open_group(path, mode=mode)
+    except _DAMAGED as error:
+        raise StoreError(
+            f"cannot read {path / 'zarr.json'} as a Zarr group: {_brief(error)}; pass the store "
+            "that `spectrum analyze` wrote, or re-run it into a new --store"
+        ) from None
+
+
+def _brief(error: BaseException) -> str:
+    """An exception as one short line."""
+    text = " ".join(str(error).split())
+    return (text[:160] + "…") if len(text) > 160 else text or type(error).__name__
 
 
 def _merge_order(known: list[str], seen: list[str]) -> list[str]:
@@ -414,6 +541,7 @@ def _remove_partial_files(path: Path) -> None:
 
 
 def _check_format(path: Path, attrs: dict[str, Any]) -> None:
+    """Refuse a store that is not format 1, or whose root attributes are not what it writes."""
     found = attrs.get("spectrum_format")
     if found is None:
         raise StoreError(
@@ -424,4 +552,13 @@ def _check_format(path: Path, attrs: dict[str, Any]) -> None:
         raise StoreError(
             f"{path} is a spectra store of format {found}; this spectrum reads format {FORMAT}. "
             "Re-run `spectrum analyze` into a new --store"
+        )
+    top_k, runs = attrs.get("top_k"), attrs.get("runs")
+    if not (isinstance(top_k, int) and top_k >= 1 and isinstance(runs, list)) or not all(
+        isinstance(run, str) for run in runs
+    ):
+        raise StoreError(
+            f"{path} is a damaged spectra store: expected a positive integer top_k and a list "
+            f"of run names, got top_k={top_k!r}, runs={str(runs)[:60]}; re-run `spectrum analyze` "
+            "into a new --store"
         )

@@ -407,6 +407,29 @@ def test_stored_vectors_are_used_only_where_they_are_the_matrix_singular_pairs()
         assert vectors[layer][0].shape[1] == min(10, *tensors[layer].shape)
 
 
+def test_the_figure_draws_each_curve_its_line_its_barrier_and_the_layer_scores():
+    from spectrum_cli.plots import interpolation_figure
+
+    alphas = [0.0, 0.25, 0.5, 0.75, 1.0]
+    loss = [1.0, 2.5, 3.0, 2.5, 2.0]
+    barrier = interpolation_barrier(alphas, loss)
+    figure = interpolation_figure(
+        "A → B",
+        alphas,
+        {"loss": loss},
+        {"loss": (barrier.height, barrier.alpha)},
+        [("0.weight", 0.3, 0.9), ("2.weight", None, 0.8)],
+    )
+    curve, layers = figure.axes
+    drawn, line = curve.lines[:2]
+    assert list(drawn.get_ydata()) == loss
+    assert list(line.get_ydata()) == [1.0, 1.25, 1.5, 1.75, 2.0]
+    (segment,) = curve.collections[0].get_segments()
+    assert segment.tolist() == [[0.5, 1.5], [0.5, 3.0]]  # from the line up to the peak
+    widths = [bar.get_width() for bar in layers.patches]
+    assert widths[0] == 0.3 and np.isnan(widths[1]) and widths[2:] == [0.9, 0.8]
+
+
 # ---------------------------------------------------------------------------- the command line
 
 

@@ -44,6 +44,12 @@ _TOP = typer.Option(
 )
 
 
+#: Columns of names, which may fold; every other column is a number and never wraps.
+_NAMES = ("run", "layer", "next layer", "via")
+#: Characters in a summary table's trend: one per step, or steps averaged in equal spans.
+_TREND = 12
+
+
 class Reference(str, Enum):
     """What each step's singular vectors are compared with."""
 
@@ -93,11 +99,11 @@ def rank(
                 _number(one.metrics["effective_rank"][-1]),
                 _number(one.metrics["effective_rank"].min()),
                 _number(one.metrics["normalized_effective_rank"][-1], 3),
-                sparkline(one.metrics["effective_rank"]),
+                sparkline(one.metrics["effective_rank"], _TREND),
             )
             for one in series
         ],
-        title=f"{store}: effective rank (first, last, min; norm. = last / min(m, n))",
+        title="effective rank (first, last, min; norm. = last / min(m, n))",
     )
     if plot is not None:
         from spectrum_cli.dynamics import training_metrics
@@ -142,12 +148,12 @@ def stability(
                 _span(one.steps),
                 _number(one.score[0], 3),
                 _number(one.score.min(), 3),
-                _optional(one.settled_step()),
-                sparkline(one.score),
+                one.settled_label(),
+                sparkline(one.score, _TREND),
             )
             for one in series
         ],
-        title=f"{store}: top-10 agreement score with the {reference.value} step",
+        title=f"top-10 agreement score with the {reference.value} step",
     )
     if plot is not None:
         from spectrum_cli.plots import stability_figure
@@ -202,11 +208,11 @@ def align(
                 _number(one.score[0], 3),
                 _number(one.score[-1], 3),
                 _number(one.score.max(), 3),
-                sparkline(one.score),
+                sparkline(one.score, _TREND),
             )
             for one in series
         ],
-        title=f"{store}: top-10 alignment score of consecutive layers",
+        title="top-10 alignment score of consecutive layers",
     )
     if plot is not None:
         from spectrum_cli.plots import alignment_figure
@@ -254,7 +260,12 @@ def _emit(
     table: list[tuple[str, ...]],
     title: str,
 ) -> None:
-    """Every row as JSON or CSV, or the one-line-per-layer summary as a table."""
+    """Every row as JSON or CSV, or the one-line-per-layer summary as a table.
+
+    The table is meant for an 80-column terminal: each run is named on a line of its own
+    above its layers, one line each; numbers, steps and trends never wrap, and only names
+    fold when they are too long. ``table`` holds one tuple per layer, its run first.
+    """
     if output is Format.json:
         print_json(rows)
     elif output is Format.csv:
@@ -264,13 +275,26 @@ def _emit(
     else:
         from rich import box
         from rich.table import Table
+        from rich.text import Text
 
-        summary = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-        for header in headers:
-            text = header in ("run", "layer", "next layer", "via")
-            summary.add_column(header, justify="left" if text else "right", overflow="fold")
-        for line in table:
-            summary.add_row(*line)
+        summary = Table(
+            title=title,
+            title_justify="left",
+            box=box.SIMPLE_HEAD,
+            pad_edge=False,
+            padding=(0, 1, 0, 0),
+        )
+        for header in headers[1:]:
+            name = header in _NAMES
+            summary.add_column(
+                header, justify="left" if name else "right", overflow="fold", no_wrap=not name
+            )
+        for i, line in enumerate(table):
+            # A line naming the run heads its layers; a blank line ends them.
+            if i == 0 or table[i - 1][0] != line[0]:
+                summary.add_row(Text(line[0], style="bold"))
+            last_of_run = i + 1 == len(table) or table[i + 1][0] != line[0]
+            summary.add_row(f"  {line[1]}", *line[2:], end_section=last_of_run)
         console.print(summary)
 
 
@@ -292,15 +316,11 @@ def _slug(run: str) -> str:
 
 
 def _span(steps) -> str:
-    return f"{int(steps[0])}..{int(steps[-1])} ({len(steps)})" if len(steps) else "none"
+    return f"{int(steps[0])}..{int(steps[-1])}" if len(steps) else "none"
 
 
 def _number(value: float, digits: int = 1) -> str:
     return f"{value:.{digits}f}"
-
-
-def _optional(value: int | None) -> str:
-    return "never" if value is None else str(value)
 
 
 def register(app: typer.Typer) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict
 from enum import Enum
 from pathlib import Path
@@ -191,7 +192,10 @@ def _plot(report: ConnectivityReport, path: Path) -> None:
         curves["error"] = report.error
         barriers["error"] = (report.error_barrier.height, report.error_barrier.alpha)
     agreements = [(r.layer, r.agreement, r.aligned_agreement) for r in report.layers]
-    title = f"{report.a} → {report.b}, split {report.split}"
+    # Name the checkpoints by their paths below the folder above the one they share.
+    a, b = Path(report.a).absolute(), Path(report.b).absolute()
+    common = Path(os.path.commonpath([a.parent, b.parent])).parent
+    title = f"{a.relative_to(common)} → {b.relative_to(common)}, split {report.split}"
     save_png(interpolation_figure(title, report.alphas, curves, barriers, agreements), path)
     err_console.print(f"wrote {path}", markup=False)
 

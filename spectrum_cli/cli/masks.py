@@ -144,7 +144,8 @@ def _one_checkpoint(
     from rich.table import Table
 
     table = Table(title=f"{checkpoint}: {masked.source}; random control seed {seed}")
-    for column in ("layer", "matrix", "density", "agreement", "random", "IoU by rank k", "random"):
+    columns = ("layer", "matrix", "density", "agreement", "random", "IoU by rank k", "random IoU")
+    for column in columns:
         table.add_column(
             column, justify="left" if column in ("layer", "IoU by rank k") else "right"
         )

@@ -55,6 +55,7 @@ __all__ = [
     "load_sample",
     "modular_addition",
     "read_metadata",
+    "rebuild_sample",
 ]
 
 # The safetensors metadata key that holds a sample checkpoint's description.
@@ -122,6 +123,29 @@ def find_samples_root(checkpoint: Path) -> Path:
     return default_samples_root()
 
 
+def rebuild_sample(path: Path) -> Sample:
+    """Rebuild a sample checkpoint's model and data from its metadata, without its weights.
+
+    Parameters
+    ----------
+    path
+        A ``.safetensors`` checkpoint written by ``scripts/make_samples.py``.
+
+    Returns
+    -------
+    Sample
+        The model with fresh initial weights, the task's splits, and the parsed metadata.
+    """
+    path = Path(path)
+    metadata = read_metadata(path)
+    for key in ("task", "arch", "data"):
+        if key not in metadata:
+            raise CheckpointError(f"{path}: sample metadata lacks {key!r}")
+    model = build_model(metadata["arch"])
+    data = build_data(metadata["task"], metadata["data"], root=find_samples_root(path))
+    return Sample(model, data, metadata)
+
+
 def load_sample(path: Path) -> Sample:
     """Rebuild a sample checkpoint's model, load its weights strictly, and rebuild its data.
 
@@ -137,18 +161,12 @@ def load_sample(path: Path) -> Sample:
     """
     from safetensors.torch import load_file
 
-    path = Path(path)
-    metadata = read_metadata(path)
-    for key in ("task", "arch", "data"):
-        if key not in metadata:
-            raise CheckpointError(f"{path}: sample metadata lacks {key!r}")
-    model = build_model(metadata["arch"])
+    sample = rebuild_sample(path)
     try:
-        model.load_state_dict(load_file(path), strict=True)
+        sample.model.load_state_dict(load_file(path), strict=True)
     except RuntimeError as error:
         raise CheckpointError(
-            f"{path} does not fit its own arch {metadata['arch']}: {error}"
+            f"{path} does not fit its own arch {sample.metadata['arch']}: {error}"
         ) from None
-    model.eval()
-    data = build_data(metadata["task"], metadata["data"], root=find_samples_root(path))
-    return Sample(model, data, metadata)
+    sample.model.eval()
+    return sample
