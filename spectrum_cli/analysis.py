@@ -64,20 +64,32 @@ def decompose_checkpoint(path: str, top_k: int, device: str, threads: int) -> Ch
     outcome with ``error`` set rather than an exception, so one bad file stops nothing else.
     """
     import torch
+    from threadpoolctl import threadpool_limits
+
+    from spectrum_cli.spectra import resolve_device
+
+    # Each task uses ``threads`` cores for torch and for the BLAS under SciPy alike: workers
+    # times threads is the core count, so the two never compete for cores.
+    torch.set_num_threads(threads)
+    with threadpool_limits(limits=threads):
+        return _decompose_checkpoint(Path(path), top_k, resolve_device(device))
+
+
+def _decompose_checkpoint(path: Path, top_k: int, target: Any) -> CheckpointOutcome:
+    """`decompose_checkpoint` once the thread counts are set."""
+    import torch
 
     from spectrum_cli.checkpoints import load_tensors
     from spectrum_cli.matrices import as_matrix, matrix_info
-    from spectrum_cli.spectra import DecompositionError, check_finite, resolve_device
+    from spectrum_cli.spectra import DecompositionError, check_finite
 
-    torch.set_num_threads(threads)
-    target = resolve_device(device)
     outcome = CheckpointOutcome()
     try:
         # Collect the matrices, setting aside those with non-finite entries.
         pending: dict[tuple[int, int], list[tuple[Any, torch.Tensor]]] = defaultdict(list)
         order: list[str] = []
         failed: dict[str, LayerResult] = {}
-        for name, tensor in load_tensors(Path(path)):
+        for name, tensor in load_tensors(path):
             info = matrix_info(name, tensor)
             if info is None:
                 continue
