@@ -378,7 +378,7 @@ def interpolation_figure(
     title: str,
     alphas: Sequence[float],
     curves: dict[str, Sequence[float]],
-    barriers: dict[str, tuple[float, float]],
+    barriers: dict[str, tuple[float, float | None]],
     agreements: Sequence[tuple[str, float | None, float | None]] = (),
 ) -> Figure:
     """Loss and error along the interpolation between two checkpoints, and layer agreement.
@@ -396,7 +396,7 @@ def interpolation_figure(
     curves
         Quantity name (``"loss"``, ``"error"``) → its value at each α.
     barriers
-        Quantity name → (barrier, α of the peak), the paper's form.
+        Quantity name → (barrier, α of the peak), the paper's form; α None for no barrier.
     agreements
         (layer, agreement score, score after alignment or None), in tensor order.
 
@@ -418,17 +418,18 @@ def interpolation_figure(
         ax.plot(grid, f, marker="o", markersize=3, color="tab:blue", label=name)
         ax.plot(grid, line, linestyle="--", color="0.5", linewidth=1, label="straight line")
         height, at = barriers[name]
-        base = f[0] + at * (f[-1] - f[0])
-        ax.vlines(at, base, base + height, color="tab:red", linewidth=2)
-        ax.annotate(
-            f"barrier {height:.3g}\nat α = {at:.2f}",
-            (at, base + height),
-            textcoords="offset points",
-            xytext=(6, -4),
-            verticalalignment="top",
-            fontsize=8,
-            color="tab:red",
-        )
+        if at is not None:
+            base = f[0] + at * (f[-1] - f[0])
+            ax.vlines(at, base, base + height, color="tab:red", linewidth=2)
+            ax.annotate(
+                f"barrier {height:.3g}\nat α = {at:.2f}",
+                (at, base + height),
+                textcoords="offset points",
+                xytext=(6, -4),
+                verticalalignment="top",
+                fontsize=8,
+                color="tab:red",
+            )
         ax.set_xlabel("α   (θ = (1−α) θ_A + α θ_B)")
         ax.set_ylabel(name)
         ax.set_xlim(0, 1)

@@ -42,7 +42,7 @@ import hashlib
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -268,17 +268,28 @@ class Store:
         done = np.isin(steps, np.asarray(self.done_steps(run), dtype=np.int64))
         return steps, np.where(done, status, NOT_COMPUTED).astype(np.uint8)
 
-    def read(self, run: str, layer: str, fields: tuple[str, ...] = ("sigma",)) -> LayerRows:
+    def read(
+        self,
+        run: str,
+        layer: str,
+        fields: tuple[str, ...] = ("sigma",),
+        at_steps: Sequence[int] | None = None,
+    ) -> LayerRows:
         """Read the done rows of one layer, sorted by step; only the named arrays are read.
 
         Parameters
         ----------
         fields
             Any of ``"sigma"``, ``"u"``, ``"v"``.
+        at_steps
+            Read only the done rows of these steps; None reads every done row.
         """
         group = self._layer_group(run, layer)
         steps, status = self._row_status(run, layer)
-        rows = np.flatnonzero(status == DONE)
+        wanted = status == DONE
+        if at_steps is not None:
+            wanted &= np.isin(steps, np.asarray(at_steps, dtype=np.int64))
+        rows = np.flatnonzero(wanted)
         rows = rows[np.argsort(steps[rows], kind="stable")]
         out: dict[str, np.ndarray] = {}
         for field in fields:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import sys
 from enum import Enum
 from typing import Any
@@ -27,8 +28,12 @@ class Format(str, Enum):
 
 
 def print_json(value: Any) -> None:
-    """Write JSON to stdout, plain (no colour, no wrapping), one document."""
-    sys.stdout.write(json.dumps(value, indent=2, default=_plain) + "\n")
+    """Write JSON to stdout, plain (no colour, no wrapping), one document.
+
+    NaN and ±Inf, which JSON cannot hold, are written as null.
+    """
+    text = json.dumps(_finite(value), indent=2, allow_nan=False)
+    sys.stdout.write(text + "\n")
 
 
 def print_csv(rows: list[dict[str, Any]]) -> None:
@@ -47,8 +52,15 @@ def show_progress() -> bool:
     return err_console.is_terminal and not err_console.quiet
 
 
-def _plain(value: Any) -> Any:
-    """JSON for numpy scalars and arrays."""
+def _finite(value: Any) -> Any:
+    """A copy of plain data with numpy values made plain and non-finite floats made None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
     if hasattr(value, "tolist"):
-        return value.tolist()
-    raise TypeError(f"cannot write {type(value).__name__} as JSON")
+        return _finite(value.tolist())
+    return value
+
