@@ -425,6 +425,21 @@ def load_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         )
 
 
+def in_model_order(path: Path) -> bool:
+    """Whether :func:`load_tensors` yields a checkpoint's tensors in the model's own order.
+
+    ``torch.save`` files keep the state dict's order, which is the order the modules were
+    registered in; safetensors files store their keys sorted, so their order says nothing about
+    the model.
+
+    Parameters
+    ----------
+    path : Path
+        A weights file, or a directory in Hugging Face layout.
+    """
+    return not any(file.suffix == ".safetensors" for file in _weight_files(Path(path)))
+
+
 def _weight_files(path: Path) -> list[Path]:
     """The files that together hold the model saved at ``path``, in shard order."""
     if path.is_file():

@@ -4,14 +4,18 @@ Every floating tensor with two or more dimensions is a matrix. A 2-D weight is t
 (out × in); a convolution kernel (out, in, k…) is flattened to out × (in·k…). Integer and
 boolean tensors, and all 1-D tensors, are skipped. Half-precision weights are upcast to
 float32 before decomposing (float64 weights are kept as they are); the stored dtype is recorded.
+:func:`output_layer` names the matrix that pruning leaves whole by default.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from spectrum_cli.errors import UsageError
 
 AS_STORED = "as stored (out × in)"
 FLATTENED = "kernel (out, in, k…) flattened to out × (in·k…)"
@@ -63,3 +67,57 @@ def as_matrix(tensor: torch.Tensor) -> torch.Tensor:
     """
     matrix = tensor.reshape(tensor.shape[0], -1)  # (out, in·k…)
     return matrix.to(torch.float64 if tensor.dtype == torch.float64 else torch.float32)
+
+
+# Top-level modules that hold a model's output layer under the usual names: torchvision's
+# `fc` and `classifier`, timm's `head`, Hugging Face's `classifier`, `lm_head` and `score`,
+# Meta's `output`.
+OUTPUT_MODULES = ("classifier", "fc", "head", "lm_head", "logits", "out", "output", "score")
+
+
+def output_layer(
+    layers: Sequence[str], *, model_order: bool, name: str | None = None
+) -> str | None:
+    """The matrix taken as a model's output layer, which pruning leaves whole by default.
+
+    The rule, in order: the layer the user named; in the model's own order, the last matrix;
+    otherwise (keys stored sorted, as safetensors files store them) the last matrix whose
+    top-level module has an output name (:data:`OUTPUT_MODULES`: ``fc.weight``,
+    ``classifier.6.weight``, ``lm_head.weight``), and failing that the last matrix in the
+    order given.
+
+    Parameters
+    ----------
+    layers
+        The layer names of a checkpoint's matrices, in the order it yields them.
+    model_order
+        Whether that order is the model's own, as :func:`spectrum_cli.checkpoints.in_model_order`
+        tells for a checkpoint (true for ``torch.save`` files, false for safetensors).
+    name
+        A layer the user named as the output layer.
+
+    Returns
+    -------
+    str or None
+        The output layer; None when there is no matrix.
+
+    Raises
+    ------
+    UsageError
+        If ``name`` is not one of ``layers``.
+    """
+    layers = list(layers)
+    if name is not None:
+        if name not in layers:
+            raise UsageError(
+                f"no matrix {name!r} to take as the output layer; the matrices are "
+                f"{', '.join(layers) or 'none'}"
+            )
+        return name
+    if not layers:
+        return None
+    if not model_order:
+        named = [layer for layer in layers if layer.split(".")[0] in OUTPUT_MODULES]
+        if named:
+            return named[-1]
+    return layers[-1]

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from spectrum_cli.checkpoints import (
     Checkpoint,
     discover,
+    in_model_order,
     load_tensors,
     normalise_name,
     read_metadata,
@@ -399,6 +400,16 @@ def test_safetensors_order_is_natural_when_the_file_keeps_none(tmp_path: Path) -
     names = [name for name, _ in load_tensors(tmp_path / "step_1.safetensors")]
 
     assert names == ["embed", "layers.1.weight", "layers.2.weight", "layers.10.weight"]
+
+
+def test_only_pickles_keep_the_models_order(tmp_path: Path) -> None:
+    layers = {"head.weight": torch.ones(2, 2), "body.weight": torch.ones(2, 2)}
+    torch.save(layers, tmp_path / "step_1.pt")
+    save_file(layers, tmp_path / "step_1.safetensors")
+
+    assert [name for name, _ in load_tensors(tmp_path / "step_1.pt")] == list(layers)
+    assert in_model_order(tmp_path / "step_1.pt")
+    assert not in_model_order(tmp_path / "step_1.safetensors")
 
 
 def test_whole_pickled_module_yields_its_state_dict(tmp_path: Path) -> None:
