@@ -6,12 +6,14 @@ and data (:mod:`spectrum_cli.samples`); for any other checkpoint the user names 
 
 The contract
 ------------
-``--model SPEC`` and ``--data SPEC`` each name a callable as ``package.module:callable`` (an
-importable module) or ``path/to/file.py:callable`` (a file, imported under a private module
-name with its folder put first on ``sys.path``, as ``python file.py`` would); the callable may
-be a dotted attribute (``models:Net.build``). Both are called once, with no arguments.
+``--model SPEC`` and ``--data SPEC`` each name a callable as ``package.module:callable`` (a
+module importable from the current directory, as under ``python -m``, or from ``sys.path``)
+or ``path/to/file.py:callable`` (a file, imported under a private module name with its folder
+put first on ``sys.path``, as ``python file.py`` would); the callable may be a dotted
+attribute (``models:Net.build``). Both are called once, with no arguments.
 Importing the module or file runs its code: that is what naming it asks for. The checkpoints
-themselves are still read weights-only (:func:`spectrum_cli.checkpoints.load_tensors`).
+themselves are still read weights-only (:func:`spectrum_cli.checkpoints.load_tensors`), and
+one that holds NaN or ±Inf anywhere is refused before anything is evaluated.
 
 The model callable returns a :class:`torch.nn.Module`. Its state-dict keys (with the wrapper
 prefixes ``module.`` and ``_orig_mod.`` stripped, as for checkpoints) and shapes must be
@@ -46,6 +48,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
+import os
 import re
 import sys
 import zlib
@@ -59,8 +62,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from spectrum_cli.checkpoints import normalise_name, read_metadata
-from spectrum_cli.errors import EvaluationError, SpectrumError, UsageError
+from spectrum_cli.checkpoints import load_tensors, normalise_name, read_metadata
+from spectrum_cli.errors import CheckpointError, EvaluationError, SpectrumError, UsageError
 from spectrum_cli.samples import METADATA_KEY, rebuild_sample
 
 log = logging.getLogger(__name__)
@@ -181,6 +184,10 @@ def load_callable(spec: str, flag: str) -> Callable[[], Any]:
 
 
 def _import_module(name: str, spec: str, flag: str) -> Any:
+    # Modules in the current directory import as they would under `python -m`.
+    here = os.getcwd()
+    if "" not in sys.path and here not in sys.path:
+        sys.path.insert(0, here)
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as error:
@@ -325,6 +332,67 @@ def sample_model_and_data(checkpoint: Path) -> tuple[nn.Module, EvaluationData]:
     sample = rebuild_sample(Path(checkpoint))
     train, val = sample.data.train, sample.data.val
     return sample.model, EvaluationData({"train": (train.x, train.y), "val": (val.x, val.y)})
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+def load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """Read every tensor of a checkpoint to evaluate it, by normalised name, in its own order.
+
+    Parameters
+    ----------
+    path
+        A checkpoint file or directory.
+
+    Returns
+    -------
+    dict
+        Name → tensor.
+
+    Raises
+    ------
+    UsageError
+        If the checkpoint cannot be read: a checkpoint given to evaluate is input the command
+        cannot use, and nothing is measured.
+    """
+    try:
+        return dict(load_tensors(Path(path)))
+    except CheckpointError as error:
+        raise UsageError(str(error)) from error
+
+
+def require_finite(checkpoints: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+    """Raise UsageError naming every checkpoint and entry that holds NaN or ±Inf.
+
+    A non-finite weight makes every loss measured with it NaN; the command stops before it
+    evaluates anything.
+
+    Parameters
+    ----------
+    checkpoints
+        A label for each checkpoint (its role and path) → its tensors by name.
+
+    Raises
+    ------
+    UsageError
+        One line: each checkpoint with non-finite entries, its entries and how many values.
+    """
+    found = []
+    for label, tensors in checkpoints.items():
+        bad = []
+        for name, tensor in tensors.items():
+            if tensor.is_floating_point():
+                count = int((~torch.isfinite(tensor)).sum())
+                if count:
+                    bad.append(f"{name} ({count} of {tensor.numel()})")
+        if bad:
+            found.append(f"{label} in {_names(bad)}")
+    if found:
+        raise UsageError(
+            f"non-finite values (NaN or ±Inf): {'; '.join(found)}; evaluate checkpoints with "
+            "finite weights (one saved before training diverged)"
+        )
 
 
 # ---------------------------------------------------------------------------- the evaluator
@@ -752,9 +820,9 @@ def state_differences(
     return problems
 
 
-def _names(items: list[str], most: int = 8) -> str:
-    shown = ", ".join(items[:most])
-    return shown if len(items) <= most else f"{shown} and {len(items) - most} more"
+def _names(items: list[str]) -> str:
+    """Every item, comma-separated: a message that stops the command lists all it found."""
+    return ", ".join(items)
 
 
 def _a(value: Any) -> str:

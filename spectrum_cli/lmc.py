@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,9 +39,15 @@ import numpy as np
 import torch
 from numpy.typing import ArrayLike
 
-from spectrum_cli.checkpoints import load_tensors
 from spectrum_cli.errors import EvaluationError, StoreError, UsageError
-from spectrum_cli.evaluation import Evaluator, Scores, call_model, state_differences
+from spectrum_cli.evaluation import (
+    Evaluator,
+    Scores,
+    call_model,
+    load_checkpoint,
+    require_finite,
+    state_differences,
+)
 from spectrum_cli.matrices import as_matrix, matrix_info
 from spectrum_cli.metrics.agreement import SCORE_INDICES, agreement_score
 
@@ -77,17 +83,18 @@ class Barrier:
         max over α of f(θ(α)) − ((1−α) f(θ_A) + α f(θ_B)); 0 when no point lies above the
         straight line between the end points.
     alpha
-        The α where that maximum is reached (the first, on ties).
+        The α where that maximum is reached (the first, on ties); None when ``height`` is 0
+        (or undefined), as a barrier of 0 peaks nowhere.
     height_over_mean
         max over α of f(θ(α)) − (f(θ_A) + f(θ_B)) / 2.
     alpha_over_mean
-        The α where f(θ(α)) peaks.
+        The α where f(θ(α)) peaks; None when ``height_over_mean`` is 0 (or undefined).
     """
 
     height: float
-    alpha: float
+    alpha: float | None
     height_over_mean: float
-    alpha_over_mean: float
+    alpha_over_mean: float | None
 
 
 def alpha_grid(points: int = DEFAULT_POINTS) -> np.ndarray:
@@ -110,7 +117,8 @@ def interpolation_barrier(alphas: ArrayLike, values: ArrayLike) -> Barrier:
     Returns
     -------
     Barrier
-        Exactly 0 in both forms when every value is the same.
+        Exactly 0 in both forms, with no α, when every value is the same. A NaN value makes
+        the barrier NaN.
     """
     grid = np.asarray(alphas, dtype=np.float64)
     f = np.asarray(values, dtype=np.float64)
@@ -124,11 +132,12 @@ def interpolation_barrier(alphas: ArrayLike, values: ArrayLike) -> Barrier:
     line = np.where(grid < 0.5, start + grid * (end - start), end - (1 - grid) * (end - start))
     above = f - line
     peak_line, peak = int(np.argmax(above)), int(np.argmax(f))
+    height, height_over_mean = float(above[peak_line]), float(f[peak] - (start + end) / 2)
     return Barrier(
-        height=float(above[peak_line]),
-        alpha=float(grid[peak_line]),
-        height_over_mean=float(f[peak] - (start + end) / 2),
-        alpha_over_mean=float(grid[peak]),
+        height=height,
+        alpha=float(grid[peak_line]) if height > 0 else None,
+        height_over_mean=height_over_mean,
+        alpha_over_mean=float(grid[peak]) if height_over_mean > 0 else None,
     )
 
 
@@ -151,10 +160,12 @@ def pair_checkpoints(a: Path, b: Path) -> tuple[Tensors, Tensors]:
     Raises
     ------
     UsageError
-        One message listing every entry found on one side only, and every entry whose shape or
-        kind (floating or integer) differs.
+        If a checkpoint cannot be read; one message naming every entry of either checkpoint
+        that holds NaN or ±Inf; one message listing every entry found on one side only, and
+        every entry whose shape or kind (floating or integer) differs.
     """
-    a_tensors, b_tensors = dict(load_tensors(Path(a))), dict(load_tensors(Path(b)))
+    a_tensors, b_tensors = load_checkpoint(Path(a)), load_checkpoint(Path(b))
+    require_finite({f"A ({a})": a_tensors, f"B ({b})": b_tensors})
     problems = state_differences(
         a_tensors, b_tensors, f"only in A ({Path(a).name})", f"only in B ({Path(b).name})"
     )
@@ -566,10 +577,9 @@ def stored_vectors(store: Store, run: str, step: int) -> Vectors:
     """
     vectors: Vectors = {}
     for layer in store.layers(run):
-        rows = store.read(run, layer, ("u", "v"))
-        at = np.flatnonzero(rows.steps == step)
-        if len(at) and rows.u is not None and rows.v is not None:
-            vectors[layer] = (np.asarray(rows.u[at[0]]), np.asarray(rows.v[at[0]]))
+        rows = store.read(run, layer, ("u", "v"), at_steps=[step])  # one row, if done
+        if len(rows.steps) and rows.u is not None and rows.v is not None:
+            vectors[layer] = (np.asarray(rows.u[0]), np.asarray(rows.v[0]))
     return vectors
 
 
@@ -852,20 +862,61 @@ def linear_mode_connectivity(
 
 
 def _check_same_function(evaluator: Evaluator, b: Tensors, aligned: Tensors, split: str) -> None:
-    """Raise EvaluationError unless the permuted B gives B's outputs on the first batch."""
-    inputs, _ = evaluator.batches(split)[0]
-    outputs = []
-    for state in (b, aligned):
-        evaluator.load(state)
-        evaluator.model.eval()
-        with torch.inference_mode():
-            outputs.append(call_model(evaluator.model, inputs))
-    before, after = outputs
-    if not isinstance(before, torch.Tensor) or not isinstance(after, torch.Tensor):
-        return
-    scale = float(before.abs().max()) if before.numel() else 0.0
-    if not torch.allclose(before, after, rtol=1e-4, atol=1e-5 * max(scale, 1.0)):
-        raise EvaluationError(
-            "--align weights changed what B computes: the model is not the plain chain its "
-            "tensor order suggests (residual connections or reordered layers); use --align none"
+    """Raise EvaluationError unless the permuted B gives B's outputs on every batch of a split.
+
+    The outputs compared are the first tensor found in what the model returns (a tensor, or the
+    first in a mapping, sequence or dataclass such as a Hugging Face ``ModelOutput``).
+    """
+    for i, (inputs, _) in enumerate(evaluator.batches(split)):
+        outputs = []
+        for state in (b, aligned):
+            evaluator.load(state)
+            evaluator.model.eval()
+            with torch.inference_mode():
+                outputs.append(first_tensor(call_model(evaluator.model, inputs)))
+        before, after = outputs
+        if before is None or after is None:
+            raise EvaluationError(
+                "--align weights cannot check that the permuted B computes what B did: the "
+                "model's output holds no tensor to compare; use --align none"
+            )
+        scale = float(before.abs().max()) if before.numel() else 0.0
+        same = before.shape == after.shape and torch.allclose(
+            before, after, rtol=1e-4, atol=1e-5 * max(scale, 1.0), equal_nan=True
         )
+        if not same:
+            raise EvaluationError(
+                f"--align weights changed what B computes (batch {i} of split {split!r}): the "
+                "model is not the plain chain its tensor order suggests (residual connections "
+                "or reordered layers); use --align none"
+            )
+
+
+def first_tensor(output: object) -> torch.Tensor | None:
+    """The first tensor in a model's output, searched depth first; None when it holds none.
+
+    Parameters
+    ----------
+    output
+        A tensor, or a mapping, tuple, list or dataclass (a Hugging Face ``ModelOutput`` is an
+        ordered mapping) holding one somewhere.
+
+    Returns
+    -------
+    torch.Tensor or None
+    """
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping):
+        parts: Iterable[object] = output.values()
+    elif isinstance(output, (tuple, list)):
+        parts = output
+    elif is_dataclass(output) and not isinstance(output, type):
+        parts = (getattr(output, field.name) for field in fields(output))
+    else:
+        return None
+    for part in parts:
+        found = first_tensor(part)
+        if found is not None:
+            return found
+    return None

@@ -6,9 +6,11 @@ replacing each weight matrix W = U Σ Vᵀ with only some of its singular compon
     W_top = Σ_{i < q} σ_i u_i v_iᵀ       or       W_bottom = Σ_{i ≥ r − q} σ_i u_i v_iᵀ,
 
 with r = min(m, n) and q = round(f · r) for a kept fraction f (halves round up), and comparing
-the loss and error before and after. Every matrix is pruned but the output layer (the last
-matrix in tensor order); a convolution kernel (out, in, k…) is pruned as its out × (in·k…)
-matrix and reshaped back. Biases and other 1-D entries are left as they are.
+the loss and error before and after. Every matrix is pruned but the output layer, the last
+matrix in the model's own module order (a checkpoint's tensor order is often sorted, which puts
+``classifier`` before ``features`` and ``fc`` before ``layer4``); a convolution kernel
+(out, in, k…) is pruned as its out × (in·k…) matrix and reshaped back. Biases and other 1-D
+entries are left as they are.
 
 The bottom components are needed, which the store does not keep (it keeps the top k singular
 vectors), so each matrix is decomposed here in full, in float64.
@@ -18,15 +20,14 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from spectrum_cli.checkpoints import load_tensors
 from spectrum_cli.errors import UsageError
-from spectrum_cli.evaluation import Evaluator, Scores
+from spectrum_cli.evaluation import Evaluator, Scores, load_checkpoint, require_finite
 from spectrum_cli.matrices import matrix_info
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ class PruningReport:
     keep, fraction
         ``"top"`` or ``"bottom"``, and the kept fraction of each matrix's components.
     layers
-        One entry per matrix, in tensor order.
+        One entry per matrix, in the model's module order.
     splits
         One comparison per split.
     """
@@ -141,29 +142,38 @@ def prune_matrix(tensor: torch.Tensor, keep: str, fraction: float) -> torch.Tens
 
 
 def prune_singular_values(
-    tensors: Mapping[str, torch.Tensor], keep: str, fraction: float
+    tensors: Mapping[str, torch.Tensor],
+    keep: str,
+    fraction: float,
+    order: Sequence[str] | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[LayerPruning]]:
     """Prune every matrix of a checkpoint but the output layer.
 
     Parameters
     ----------
     tensors
-        A checkpoint's tensors by name, in tensor order.
+        A checkpoint's tensors by name.
     keep
         ``"top"`` or ``"bottom"``.
     fraction
         Kept fraction of each matrix's components, in [0, 1].
+    order
+        The entries in the order the model runs its modules (a model's own state-dict order):
+        the output layer is the last matrix in it. Without it, the last matrix in the
+        tensors' own order, which is right only where that order is the model's.
 
     Returns
     -------
     tuple
-        The pruned tensors (the others are passed through), and one entry per matrix.
+        The pruned tensors (the others are passed through), and one entry per matrix, in
+        ``order`` (else in tensor order).
     """
     if keep not in (KEEP_TOP, KEEP_BOTTOM):
         raise UsageError(f"--keep must be {KEEP_TOP!r} or {KEEP_BOTTOM!r}, got {keep!r}")
     if not 0.0 <= fraction <= 1.0:
         raise UsageError(f"--fraction must lie in [0, 1], got {fraction}")
-    matrices = {name: info for name, t in tensors.items() if (info := matrix_info(name, t))}
+    names = [name for name in order if name in tensors] if order is not None else list(tensors)
+    matrices = {name: info for name in names if (info := matrix_info(name, tensors[name]))}
     if not matrices:
         raise UsageError("the checkpoint holds no weight matrix to prune")
     output = list(matrices)[-1]
@@ -201,9 +211,10 @@ def pruned_evaluation(
     -------
     PruningReport
     """
-    tensors = dict(load_tensors(Path(checkpoint)))
+    tensors = load_checkpoint(Path(checkpoint))
+    require_finite({str(checkpoint): tensors})
     evaluator.check_fit(tensors, str(checkpoint))
-    pruned, layers = prune_singular_values(tensors, keep, fraction)
+    pruned, layers = prune_singular_values(tensors, keep, fraction, list(evaluator.entries))
 
     # Score the checkpoint as saved, then pruned, on every split.
     before: dict[str, Scores] = {}

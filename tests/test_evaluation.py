@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +107,17 @@ def test_a_file_spec_and_a_module_spec_build_the_same_model(user_file, user_pack
     assert isinstance(from_file, nn.Sequential)
     for left, right in zip(from_file.parameters(), from_module.parameters(), strict=True):
         assert torch.equal(left, right)
+
+
+def test_a_module_spec_imports_from_the_current_directory(tmp_path, monkeypatch):
+    (tmp_path / "spectrum_task_here.py").write_text(USER_FILE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "spectrum_task_here", raising=False)
+    model = model_from_spec("spectrum_task_here:build")
+    assert isinstance(model, nn.Sequential)
+    assert sys.path[0] == str(tmp_path)
+    sys.modules.pop("spectrum_task_here")
 
 
 def test_a_dotted_callable_is_followed(user_package):

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +23,7 @@ from spectrum_cli.evaluation import EvaluationData, Evaluator, evaluator_for
 from spectrum_cli.lmc import (
     LinearPath,
     UnitMatching,
+    first_tensor,
     interpolation_barrier,
     linear_mode_connectivity,
     pair_checkpoints,
@@ -100,6 +105,7 @@ def test_the_barrier_between_equal_values_is_exactly_zero(value, points):
     barrier = interpolation_barrier(alphas, [value] * points)
     assert barrier.height == 0.0
     assert barrier.height_over_mean == 0.0
+    assert barrier.alpha is None and barrier.alpha_over_mean is None
 
 
 @given(st.floats(0, 10), st.floats(0, 10), st.integers(2, 25))
@@ -139,6 +145,34 @@ def test_checkpoints_that_do_not_pair_are_reported_in_one_message(tmp_path: Path
     assert "only in A (a.safetensors): old" in message
     assert "only in B (b.safetensors): new" in message
     assert "embed.weight (100, 8) vs (120, 8)" in message
+    assert "\n" not in message
+
+
+def test_every_entry_that_does_not_pair_is_named(tmp_path: Path):
+    a = {f"blocks.{i}.weight": torch.zeros(2, 2) for i in range(12)}
+    save_file(a, tmp_path / "a.safetensors")
+    save_file({"blocks.0.weight": torch.zeros(2, 2)}, tmp_path / "b.safetensors")
+    with pytest.raises(UsageError) as raised:
+        pair_checkpoints(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
+    message = str(raised.value)
+    assert all(f"blocks.{i}.weight" in message for i in range(1, 12))
+    assert "more" not in message and "\n" not in message
+
+
+def test_non_finite_entries_of_both_checkpoints_are_named_before_anything_runs(tmp_path: Path):
+    torch.manual_seed(3)
+    a_state = {name: t.detach().clone() for name, t in mlp().state_dict().items()}
+    b_state = {name: t.detach().clone() for name, t in mlp().state_dict().items()}
+    a_state["4.bias"][1] = float("inf")
+    b_state["0.weight"][2, 3] = float("nan")
+    b_state["2.weight"][:2, 0] = float("-inf")
+    save_file(a_state, tmp_path / "a.safetensors")
+    save_file(b_state, tmp_path / "b.safetensors")
+    with pytest.raises(UsageError) as raised:
+        pair_checkpoints(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
+    message = str(raised.value)
+    assert f"A ({tmp_path / 'a.safetensors'}) in 4.bias (1 of 4)" in message
+    assert f"B ({tmp_path / 'b.safetensors'}) in 0.weight (1 of 96), 2.weight (2 of 256)" in message
     assert "\n" not in message
 
 
@@ -337,6 +371,103 @@ def test_alignment_that_would_change_the_function_is_refused(tmp_path: Path):
         linear_mode_connectivity(a_path, b_path, evaluator, align="weights")
 
 
+@dataclass
+class _Output:
+    """Like a Hugging Face ModelOutput without the mapping: a dataclass of optional tensors."""
+
+    loss: torch.Tensor | None
+    logits: torch.Tensor
+
+
+_WRAPPERS = {
+    "dict": lambda logits: {"logits": logits},
+    "tuple": lambda logits: (None, [logits]),
+    "dataclass": lambda logits: _Output(None, logits),
+}
+
+
+def _logits(outputs) -> torch.Tensor:
+    found = first_tensor(outputs)
+    assert found is not None
+    return found
+
+
+class _Wrapped(nn.Module):
+    """A model whose output is a dict, a nested tuple or a dataclass holding the logits."""
+
+    def __init__(self, inner: nn.Module, wrap: str) -> None:
+        super().__init__()
+        self.inner, self.wrap = inner, wrap
+
+    def forward(self, x: torch.Tensor):
+        return _WRAPPERS[self.wrap](self.inner(x))
+
+
+def _structured_data(n: int = 32, seed: int = 0) -> EvaluationData:
+    generator = torch.Generator().manual_seed(seed)
+    splits = {"train": (torch.randn(n, 6, generator=generator), torch.randint(0, 4, (n,)))}
+    return EvaluationData(
+        splits,
+        loss_fn=lambda out, y: nn.functional.cross_entropy(_logits(out), y),
+        error_fn=lambda out, y: (_logits(out).argmax(-1) != y).double().mean(),
+    )
+
+
+@pytest.mark.parametrize("wrap", sorted(_WRAPPERS))
+def test_the_alignment_check_finds_the_output_tensor_in_any_structure(tmp_path, wrap):
+    torch.manual_seed(11)
+    chain_a = saved(_Wrapped(mlp(), wrap), tmp_path / "chain_a.safetensors")
+    chain_b = saved(_Wrapped(mlp(), wrap), tmp_path / "chain_b.safetensors")
+    evaluator = Evaluator(_Wrapped(mlp(), wrap), _structured_data(), "m", "d")
+    report = linear_mode_connectivity(chain_a, chain_b, evaluator, align="weights", points=3)
+    assert report.moved_units is not None
+
+    residual_a = saved(_Wrapped(_Residual(), wrap), tmp_path / "residual_a.safetensors")
+    residual_b = saved(_Wrapped(_Residual(), wrap), tmp_path / "residual_b.safetensors")
+    evaluator = Evaluator(_Wrapped(_Residual(), wrap), _structured_data(), "m", "d")
+    with pytest.raises(EvaluationError, match="changed what B computes"):
+        linear_mode_connectivity(residual_a, residual_b, evaluator, align="weights")
+
+
+def test_the_alignment_check_reads_every_batch(tmp_path: Path):
+    torch.manual_seed(12)
+    models = [_Residual(), _Residual()]
+    for model in models:
+        with torch.no_grad():
+            model.first.bias.zero_()
+            model.second.bias.zero_()
+    a_path, b_path = (
+        saved(m, tmp_path / f"{n}.safetensors") for m, n in zip(models, "ab", strict=True)
+    )
+    # A first batch of zeros reaches only the output bias, which no permutation touches.
+    x = torch.cat([torch.zeros(16, 6), torch.randn(16, 6)])
+    data = EvaluationData({"train": (x, torch.randint(0, 4, (32,)))})
+    evaluator = Evaluator(_Residual(), data, "m", "d", batch_size=16)
+    with pytest.raises(EvaluationError, match=r"changed what B computes \(batch 1 of split"):
+        linear_mode_connectivity(a_path, b_path, evaluator, align="weights")
+
+
+class _Scalar(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = mlp()
+
+    def forward(self, x: torch.Tensor) -> float:
+        return float(self.inner(x).sum())
+
+
+def test_alignment_is_refused_when_the_output_holds_no_tensor(tmp_path: Path):
+    a_path = saved(_Scalar(), tmp_path / "a.safetensors")
+    b_path = saved(_Scalar(), tmp_path / "b.safetensors")
+    data = EvaluationData(
+        {"train": (torch.randn(8, 6), torch.zeros(8))}, loss_fn=lambda out, y: out, error_fn=None
+    )
+    evaluator = Evaluator(_Scalar(), data, "m", "d")
+    with pytest.raises(EvaluationError, match="holds no tensor to compare; use --align none"):
+        linear_mode_connectivity(a_path, b_path, evaluator, align="weights")
+    assert linear_mode_connectivity(a_path, b_path, evaluator, points=2).error is None
+
+
 # ---------------------------------------------------------------------------- the samples
 
 
@@ -387,6 +518,35 @@ def test_agreement_comes_from_a_store_that_holds_both_checkpoints(tmp_path: Path
     assert linear_mode_connectivity(a, other, evaluator, points=2, store=store).spectra == (
         "decomposed"
     )
+
+
+def test_stored_vectors_are_read_one_row_per_layer(tmp_path: Path, monkeypatch):
+    from spectrum_cli.analysis import analyze
+    from spectrum_cli.lmc import stored_vectors
+    from spectrum_cli.store import Store
+
+    store_path = tmp_path / "spectra.zarr"
+    analyze(SPAWN / "spawn-2000" / "child-a", store_path, top_k=10, workers=1)
+    store = Store.open(store_path)
+    (run,) = store.runs()
+    steps = store.done_steps(run)
+    assert len(steps) == 3
+    every = {layer: store.read(run, layer, ("u", "v")) for layer in store.layers(run)}
+
+    read = Store.read
+    rows_read = []
+
+    def counting(self, *args, **kwargs):
+        rows = read(self, *args, **kwargs)
+        rows_read.append(len(rows.u))
+        return rows
+
+    monkeypatch.setattr(Store, "read", counting)
+    vectors = stored_vectors(store, run, steps[1])
+    assert rows_read == [1, 1, 1]
+    for layer, (u, v) in vectors.items():
+        assert np.array_equal(u, every[layer].u[1]) and np.array_equal(v, every[layer].v[1])
+    assert stored_vectors(store, run, 12345) == {}
 
 
 def test_stored_vectors_are_used_only_where_they_are_the_matrix_singular_pairs():
@@ -527,6 +687,8 @@ def test_a_pickled_checkpoint_runs_no_code(tmp_path: Path):
     torch.save({"weight": torch.zeros(2, 2), "bias": torch.zeros(2), "extra": Payload()}, evil)
     result = run_cli("lmc", evil, evil, "--model", f"{code}:build", "--data", f"{code}:data")
     assert not marker.exists()
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "evil.pt" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -536,3 +698,149 @@ def test_help_lists_the_evaluation_commands_quickly():
     result = run_cli("lmc", "--help")
     for flag in ("--model", "--data", "--alphas", "--split", "--max-examples", "--no-bn-reset"):
         assert flag in result.stdout
+
+
+TASK = """
+import torch
+from torch import nn
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+def conv_bn():
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.Flatten(), nn.Linear(6 * 4 * 4, 5),
+    )
+
+
+def vectors():
+    g = torch.Generator().manual_seed(0)
+    return {"train": (torch.randn(40, 6, generator=g), torch.randint(0, 4, (40,), generator=g))}
+
+
+def images():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(48, 3, 4, 4, generator=g), torch.randint(0, 5, (48,), generator=g)
+    return {"train": (x, y), "test": (x[:24] + 0.5, y[:24])}
+
+
+class Undefined:
+    splits = vectors()
+    error_fn = None
+
+    @staticmethod
+    def loss_fn(outputs, targets):
+        return torch.tensor(float("nan"))
+"""
+
+
+def _task(tmp_path: Path) -> Path:
+    code = tmp_path / "task.py"
+    code.write_text(TASK)
+    return code
+
+
+def _json(text: str):
+    """Parse JSON as strictly as other tools do: NaN and Infinity are not JSON."""
+
+    def refuse(constant: str):
+        raise ValueError(f"{constant} in JSON output")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_lmc_command_recomputes_batchnorm_statistics_unless_told_not_to(tmp_path: Path):
+    code = _task(tmp_path)
+    torch.manual_seed(13)
+    models = [conv_bn(), conv_bn()]
+    for model in models:
+        with torch.no_grad():
+            for bn in (model[1], model[4]):
+                bn.running_mean.uniform_(-1, 1)
+                bn.running_var.uniform_(0.5, 2)
+    a, b = (saved(m, tmp_path / f"{n}.safetensors") for m, n in zip(models, "ab", strict=True))
+    flags = ("--model", f"{code}:conv_bn", "--data", f"{code}:images", "--split", "test")
+
+    # A against B: recomputing the statistics changes every point, the ends included.
+    curves = {}
+    for reset in ("--bn-reset", "--no-bn-reset"):
+        result = run_cli("lmc", a, b, *flags, reset, "--alphas", "3", "--format", "json")
+        assert result.returncode == 0, result.stderr
+        report = _json(result.stdout)
+        assert report["batchnorm"] and report["bn_reset"] == (reset == "--bn-reset")
+        curves[reset] = report["loss"]
+    assert all(
+        abs(x - y) > 1e-4
+        for x, y in zip(curves["--bn-reset"], curves["--no-bn-reset"], strict=True)
+    )
+
+    # A against itself: no barrier either way, and so no α where it peaks.
+    same = run_cli("lmc", a, a, *flags, "--alphas", "5", "--format", "json")
+    assert same.returncode == 0, same.stderr
+    report = _json(same.stdout)
+    assert len(set(report["loss"])) == 1
+    for name in ("loss_barrier", "error_barrier"):
+        assert report[name] == {
+            "height": 0.0, "alpha": None, "height_over_mean": 0.0, "alpha_over_mean": None
+        }  # fmt: skip
+    table = run_cli("lmc", a, a, *flags, "--no-bn-reset", "--alphas", "5")
+    assert table.returncode == 0, table.stderr
+    assert "BatchNorm statistics interpolated" in table.stdout
+    cells = [[cell.strip() for cell in line.split("│")[1:-1]] for line in table.stdout.splitlines()]
+    assert ["loss", "0.0000", "", "0.0000", ""] in cells  # the barrier row, no α
+
+
+def test_lmc_command_aligns_a_shuffled_copy_to_no_barrier(tmp_path: Path):
+    a, _ = pair_checkpoints(PARENT_FINAL, PARENT_FINAL)
+    b_path = tmp_path / "shuffled.safetensors"
+    save_file({name: t.contiguous() for name, t in shuffled(a, seed=7).items()}, b_path)
+    result = run_cli("lmc", PARENT_FINAL, b_path, "--align", "weights", "--format", "json")
+    assert result.returncode == 0, result.stderr
+    report = _json(result.stdout)
+    assert report["align"] == "weights"
+    assert report["loss_barrier"]["height"] < 1e-5
+    assert report["error_barrier"]["height"] < 1e-9
+    assert all(moved > 100 for moved in report["moved_units"].values())
+    assert all(row["aligned_agreement"] > 0.9999 for row in report["layers"])
+
+
+def test_lmc_command_refuses_non_finite_weights_and_writes_no_nan(tmp_path: Path):
+    code = _task(tmp_path)
+    torch.manual_seed(14)
+    a = saved(mlp(), tmp_path / "a.safetensors")
+    state = {name: t.detach().clone() for name, t in mlp().state_dict().items()}
+    state["2.weight"][5, 5] = float("nan")
+    b = tmp_path / "b.safetensors"
+    save_file(state, b)
+    flags = ("--model", f"{code}:mlp", "--format", "json")
+    result = run_cli("lmc", a, b, *flags, "--data", f"{code}:vectors")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.count("\n") == 1
+    assert f"B ({b}) in 2.weight (1 of 256)" in " ".join(result.stderr.split())
+
+    # Finite weights whose loss is undefined: null in JSON, never NaN.
+    result = run_cli("lmc", a, a, *flags, "--data", f"{code}:Undefined", "--alphas", "3")
+    assert result.returncode == 0, result.stderr
+    report = _json(result.stdout)
+    assert report["loss"] == [None, None, None] and report["error"] is None
+    assert report["loss_barrier"]["height"] is None and report["loss_barrier"]["alpha"] is None
+
+
+def test_lmc_command_imports_a_module_from_the_current_directory(tmp_path: Path):
+    _task(tmp_path)
+    torch.manual_seed(15)
+    a = saved(mlp(), tmp_path / "a.safetensors")
+    b = saved(mlp(), tmp_path / "b.safetensors")
+    spectrum = Path(sys.executable).with_name("spectrum")  # the installed command, not python -m
+    result = subprocess.run(
+        [spectrum, "lmc", a.name, b.name, "--model", "task:mlp", "--data", "task:vectors",
+         "--alphas", "2", "--format", "json"],
+        cwd=tmp_path, capture_output=True, text=True, check=False, timeout=300,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert _json(result.stdout)["model"] == "--model task:mlp"

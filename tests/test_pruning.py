@@ -10,9 +10,13 @@ import torch
 from conftest import run_cli
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
 
+from spectrum_cli.checkpoints import load_tensors
 from spectrum_cli.errors import UsageError
-from spectrum_cli.evaluation import evaluator_for
+from spectrum_cli.evaluation import EvaluationData, Evaluator, evaluator_for
 from spectrum_cli.pruning import (
     kept_components,
     prune_matrix,
@@ -108,3 +112,66 @@ def test_prune_eval_command(tmp_path: Path):
     table = run_cli("prune-eval", DIGITS_FINAL, "--max-examples", "100")
     assert table.returncode == 0, table.stderr
     assert "output layer, whole" in table.stdout and "100" in table.stdout
+
+
+class _FeaturesAndClassifier(nn.Module):
+    """Hidden layers under ``features``, the output layer under ``classifier``: sorted keys put
+    the output layer first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU())
+        self.classifier = nn.Linear(12, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def test_the_output_layer_is_the_last_matrix_in_the_model_order_not_the_file_order(tmp_path):
+    torch.manual_seed(0)
+    model = _FeaturesAndClassifier()
+    path = tmp_path / "model.safetensors"
+    save_file({name: t.contiguous() for name, t in model.state_dict().items()}, path)
+    assert next(iter(load_tensors(path)))[0] == "classifier.bias"  # safetensors sorts its keys
+
+    x, y = torch.randn(40, 6), torch.randint(0, 4, (40,))
+    evaluator = Evaluator(_FeaturesAndClassifier(), EvaluationData({"train": (x, y)}), "m", "d")
+    report = pruned_evaluation(path, evaluator, keep="top", fraction=0.25)
+    assert [(row.layer, row.kept, row.pruned) for row in report.layers] == [
+        ("features.0.weight", 2, True),
+        ("features.2.weight", 3, True),
+        ("classifier.weight", 4, False),
+    ]
+    state = evaluator.model.state_dict()
+    assert torch.equal(state["classifier.weight"], model.classifier.weight.detach())
+    assert torch.linalg.matrix_rank(state["features.2.weight"]) == 3
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_checkpoint_with_non_finite_weights_is_refused_naming_its_layers(tmp_path, bad):
+    torch.manual_seed(0)
+    state = {name: t.detach().clone() for name, t in _FeaturesAndClassifier().state_dict().items()}
+    state["features.2.weight"][3, 1] = bad
+    state["classifier.bias"][0] = -bad
+    path = tmp_path / "diverged.safetensors"
+    save_file(state, path)
+    x, y = torch.randn(40, 6), torch.randint(0, 4, (40,))
+    evaluator = Evaluator(_FeaturesAndClassifier(), EvaluationData({"train": (x, y)}), "m", "d")
+    with pytest.raises(UsageError) as raised:
+        pruned_evaluation(path, evaluator)
+    message = str(raised.value)
+    assert str(path) in message and "\n" not in message
+    assert "classifier.bias (1 of 4)" in message and "features.2.weight (1 of 192)" in message
+
+
+def test_prune_eval_command_stops_on_non_finite_weights(tmp_path: Path):
+    state = dict(load_tensors(DIGITS_FINAL))
+    state["2.weight"] = state["2.weight"].clone()
+    state["2.weight"][0, 0] = float("inf")
+    path = tmp_path / "diverged.safetensors"
+    with safe_open(DIGITS_FINAL, "pt") as source:
+        save_file(state, path, metadata=source.metadata())  # still a sample: no flags needed
+    result = run_cli("prune-eval", path, "--format", "json")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.count("\n") == 1
+    assert "2.weight (1 of 16384)" in result.stderr and "diverged.safetensors" in result.stderr

@@ -141,9 +141,10 @@ def prune_eval(
 ) -> None:
     """Evaluate a checkpoint with its matrices cut to their top or bottom singular components.
 
-    Every matrix but the output layer (the last in tensor order) keeps round(f·r) of its
-    r = min(m, n) singular components, the largest (top) or the smallest (bottom); loss and
-    error on every split, before and after.
+    Every matrix but the output layer (the last in the model's module order) keeps round(f·r)
+    of its r = min(m, n) singular components, the largest (top) or the smallest (bottom); loss
+    and error on every split, before and after. Sample checkpoints rebuild their model and
+    data; others need --model and --data.
     """
     from spectrum_cli.pruning import pruned_evaluation
 
@@ -232,9 +233,9 @@ def _lmc_tables(report: ConnectivityReport) -> None:
             barriers.add_row(
                 name,
                 cell(barrier.height),
-                f"{barrier.alpha:.2f}",
+                cell(barrier.alpha, 2),
                 cell(barrier.height_over_mean),
-                f"{barrier.alpha_over_mean:.2f}",
+                cell(barrier.alpha_over_mean, 2),
             )
     console.print(barriers)
 
