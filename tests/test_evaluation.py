@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -324,3 +325,21 @@ def test_evaluation_data_is_a_plain_container():
     assert [len(t) for _, t in evaluator.batches("train")] == [10, 10, 5]
     assert evaluator.evaluate("train").examples == 25
     assert np.isfinite(evaluator.evaluate("train").loss)
+
+
+def test_the_readme_task_file_fits_the_sample_checkpoints(tmp_path, monkeypatch):
+    """The file-based example of the README builds a model and data the samples fit."""
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    (block,) = re.findall(r"```python\n(# task\.py.*?)```", readme, flags=re.S)
+    task = tmp_path / "task.py"
+    task.write_text(block)
+    monkeypatch.chdir(root)  # the example reads the sample data by its relative path
+    evaluator = evaluator_for(DIGITS_FINAL, f"{task}:build", f"{task}:loaders")
+    assert evaluator.split_names == ["train", "test"]
+    state = dict(load_sample(DIGITS_FINAL).model.state_dict())
+    evaluator.check_fit(state, str(DIGITS_FINAL))
+    evaluator.load(state)
+    scores = evaluator.evaluate("test")
+    assert scores.examples == 397
+    assert scores.error is not None and scores.error < 0.1
