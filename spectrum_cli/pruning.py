@@ -8,9 +8,9 @@ replacing each weight matrix W = U Σ Vᵀ with only some of its singular compon
 with r = min(m, n) and q = round(f · r) for a kept fraction f (halves round up), and comparing
 the loss and error before and after. Every matrix is pruned but the output layer, the last
 matrix in the model's own module order (a checkpoint's tensor order is often sorted, which puts
-``classifier`` before ``features`` and ``fc`` before ``layer4``); a convolution kernel
-(out, in, k…) is pruned as its out × (in·k…) matrix and reshaped back. Biases and other 1-D
-entries are left as they are.
+``classifier`` before ``features`` and ``fc`` before ``layer4``; without a model, the rule of
+:func:`spectrum_cli.matrices.output_layer`); a convolution kernel (out, in, k…) is pruned as its
+out × (in·k…) matrix and reshaped back. Biases and other 1-D entries are left as they are.
 
 The bottom components are needed, which the store does not keep (it keeps the top k singular
 vectors), so each matrix is decomposed here in full, in float64.
@@ -28,7 +28,7 @@ import torch
 
 from spectrum_cli.errors import UsageError
 from spectrum_cli.evaluation import Evaluator, Scores, load_checkpoint, require_finite
-from spectrum_cli.matrices import matrix_info
+from spectrum_cli.matrices import matrix_info, output_layer
 
 log = logging.getLogger(__name__)
 
@@ -158,9 +158,9 @@ def prune_singular_values(
     fraction
         Kept fraction of each matrix's components, in [0, 1].
     order
-        The entries in the order the model runs its modules (a model's own state-dict order):
-        the output layer is the last matrix in it. Without it, the last matrix in the
-        tensors' own order, which is right only where that order is the model's.
+        The entries in the model's own order (its state dict's): the output layer is the last
+        matrix in it. Without it, the tensors' own order is not taken as the model's, and the
+        output layer is the one :func:`spectrum_cli.matrices.output_layer` finds by name.
 
     Returns
     -------
@@ -176,7 +176,7 @@ def prune_singular_values(
     matrices = {name: info for name in names if (info := matrix_info(name, tensors[name]))}
     if not matrices:
         raise UsageError("the checkpoint holds no weight matrix to prune")
-    output = list(matrices)[-1]
+    output = output_layer(list(matrices), model_order=order is not None)
     if len(matrices) == 1:
         log.warning("the only matrix, %s, is the output layer: nothing is pruned", output)
 

@@ -175,3 +175,15 @@ def test_prune_eval_command_stops_on_non_finite_weights(tmp_path: Path):
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.count("\n") == 1
     assert "2.weight (1 of 16384)" in result.stderr and "diverged.safetensors" in result.stderr
+
+
+def test_without_a_model_the_output_layer_is_found_by_its_name():
+    torch.manual_seed(0)
+    state = _FeaturesAndClassifier().state_dict()
+    tensors = {name: state[name] for name in sorted(state)}  # as a safetensors file holds them
+    _, layers = prune_singular_values(tensors, "top", 0.5)
+    assert [(row.layer, row.pruned) for row in layers] == [
+        ("classifier.weight", False),
+        ("features.0.weight", True),
+        ("features.2.weight", True),
+    ]
