@@ -63,4 +63,3 @@ def _finite(value: Any) -> Any:
     if hasattr(value, "tolist"):
         return _finite(value.tolist())
     return value
-
