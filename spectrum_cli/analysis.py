@@ -12,7 +12,7 @@ import os
 import re
 import time
 from collections import defaultdict
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Mapping
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +20,7 @@ from typing import Any
 
 from spectrum_cli.checkpoints import Checkpoint, discover
 from spectrum_cli.errors import SpectrumError, UsageError
-from spectrum_cli.store import LayerResult, Store
+from spectrum_cli.store import NOT_COMPUTED, LayerResult, Store
 
 log = logging.getLogger(__name__)
 
@@ -181,11 +181,11 @@ def analyze(
     UsageError
         When ``root`` holds no checkpoint, ``device`` does not exist here, or ``scheduler`` is
         not an address.
+    UsageError
+        Also when the scheduler cannot be reached: nothing was done.
     StoreError
         When the store is locked by another writer, not a spectra store, or keeps another
         number of singular vectors.
-    SpectrumError
-        When the scheduler cannot be reached.
     """
     started = time.perf_counter()
     root = root.resolve()
@@ -216,6 +216,12 @@ def analyze(
                 _record(store, summary, checkpoint, outcome, root)
                 if on_done:
                     on_done(checkpoint)
+
+        # Say where one folder holds checkpoints of models that share no layer.
+        for run in sorted({c.run for c in todo}):
+            note = mixed_models_note(run, _layers_by_step(store, run))
+            if note is not None:
+                summary.notes.append(note)
 
     # Report failures in the order of paths and steps, not in the order workers finished.
     summary.failed_checkpoints.sort(key=_natural_order)
@@ -256,9 +262,10 @@ def _run_tasks(
     cluster = None
     threads = 1
     if client is None:
-        # Small jobs run on worker threads in this process: no worker start-up to pay for.
+        # Small jobs, and a single checkpoint (one task, nothing to run beside it), run on
+        # worker threads in this process: no worker start-up to pay for.
         cores = os.cpu_count() or 1
-        small = sum(_size(c) for c in todo) < SMALL_JOB_BYTES
+        small = len(todo) == 1 or sum(_size(c) for c in todo) < SMALL_JOB_BYTES
         n_workers = max(1, min(workers or cores, len(todo)))
         threads = max(1, cores // n_workers)
         # No dashboard; the scheduler's HTTP server (which it starts regardless) takes any free
@@ -304,7 +311,7 @@ def _remote(scheduler: str | None) -> Iterator[Any]:
 
 
 def _connect(scheduler: str) -> Any:
-    """A client of the Dask scheduler at ``scheduler``, or a SpectrumError saying why not.
+    """A client of the Dask scheduler at ``scheduler``, or a UsageError saying why not.
 
     How long to try is Dask's setting ``distributed.comm.timeouts.connect`` (30 s unless set,
     e.g. by ``DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT=5s``).
@@ -319,10 +326,66 @@ def _connect(scheduler: str) -> Any:
             "expected e.g. tcp://host:8786"
         ) from None
     except (OSError, TimeoutError) as error:
-        raise SpectrumError(
+        raise UsageError(
             f"cannot reach the Dask scheduler at {scheduler}: {error}; start one with "
             "`dask scheduler`, or leave out --scheduler to use this machine"
         ) from None
+
+
+def _layers_by_step(store: Store, run: str) -> dict[int, set[str]]:
+    """The layers each stored checkpoint of a run held, stored or failed."""
+    held: dict[int, set[str]] = defaultdict(set)
+    for layer in store.layers(run):
+        steps, status = store.status(run, layer)
+        for step in steps[status != NOT_COMPUTED].tolist():
+            held[step].add(layer)
+    return held
+
+
+def mixed_models_note(run: str, layers_by_step: Mapping[int, set[str]]) -> str | None:
+    """A note on a run whose checkpoints fall into groups that share no layer, if they do.
+
+    Two checkpoints are in one group when a chain of checkpoints, each sharing a layer with the
+    next, links them: a layer added or dropped during training keeps one group, two models
+    saved into one folder make two.
+
+    Parameters
+    ----------
+    run : str
+        The run's name, for the note.
+    layers_by_step : mapping of int to set of str
+        The layers each checkpoint of the run holds, by step.
+
+    Returns
+    -------
+    str or None
+        One line naming each group's steps and layers, or None when there is one group.
+    """
+    groups: list[tuple[list[int], set[str]]] = []
+    for step in sorted(layers_by_step):
+        steps, layers = [step], set(layers_by_step[step])
+        for linked in [g for g in groups if g[1] & layers]:
+            groups.remove(linked)
+            steps, layers = linked[0] + steps, linked[1] | layers
+        groups.append((sorted(steps), layers))
+    if len(groups) < 2:
+        return None
+    described = "; ".join(
+        f"{_listed('step', steps)} hold {_listed('', sorted(layers))}" for steps, layers in groups
+    )
+    return (
+        f"run {run}: its checkpoints fall into {len(groups)} groups that share no layer, as if "
+        f"{len(groups)} models were saved in one folder ({described}); each layer has rows only "
+        "for the steps that hold it: put each model's checkpoints in a folder of its own"
+    )
+
+
+def _listed(noun: str, items: list) -> str:
+    """``steps 1, 2, 3 … (10)``: the first three items, and the count when there are more."""
+    head = ", ".join(map(str, items[:3])) + (f" … ({len(items)})" if len(items) > 3 else "")
+    if not noun:
+        return head
+    return f"{noun}{'s' if len(items) > 1 else ''} {head}"
 
 
 def _check_device(device: str) -> None:
