@@ -5,9 +5,12 @@ analysed root; a *checkpoint* is one weights file (``.safetensors``, ``.pt``, ``
 ``.ckpt``) or one directory holding a model in Hugging Face layout (``model.safetensors``,
 ``pytorch_model.bin``, or shards listed in an ``*.index.json``). :func:`discover` reads each
 checkpoint's step from its name, or from metadata inside when the name has none, and leaves out
-optimizer, scheduler, scaler and RNG files. :func:`load_tensors` yields a checkpoint's weights
-one tensor at a time, unwrapped from the usual containers (``state_dict``, ``model_state``, …)
-and with wrapper prefixes (``module.``, ``_orig_mod.``, Lightning's ``model.``) stripped.
+optimizer, scheduler, scaler and RNG files, and files named as masks (``mask.safetensors``,
+``lottery_mask.pt``). :func:`load_tensors` yields a checkpoint's weights one tensor at a time,
+unwrapped from the usual containers (``state_dict``, ``model_state``, …) and with wrapper
+prefixes (``module.``, ``_orig_mod.``, Lightning's ``model.``) stripped; a weight pruned with
+``torch.nn.utils.prune`` is yielded masked, and :func:`load_with_masks` gives it unmasked with
+its mask.
 
 Pickled checkpoints are read with PyTorch's weights-only unpickler and memory-mapped where the
 file format allows. Classes and functions that unpickler does not know (a whole pickled
@@ -50,6 +53,8 @@ _HF_LAYOUTS = (
 )
 _HF_SHARD = re.compile(r"^(?:model|pytorch_model)-\d+-of-(\d+)\.(?:safetensors|bin)$")
 _NOT_MODEL = re.compile(r"optim|rng|scheduler|scaler|training_args", re.IGNORECASE)
+# A weights file with the word "mask" in its stem holds a pruning mask, not a model.
+_MASK_FILE = re.compile(r"(?<![a-z])masks?(?![a-z])", re.IGNORECASE)
 _LIGHTNING_LAST = re.compile(r"^last(?:-v\d+)?$")
 _STEP_WORD = re.compile(r"(?<![a-z])(?:global_?)?steps?[-_=]?(\d+)", re.IGNORECASE)
 _DTYPE_WORD = re.compile(r"(?<![a-z0-9])(?:fp|bf|float|u?int)\d+(?![0-9])", re.IGNORECASE)
@@ -64,6 +69,8 @@ _CONTAINER_KEYS = (
     "network",
 )
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# torch.nn.utils.prune saves a pruned `fc.weight` as `fc.weight_orig` and `fc.weight_mask`.
+PRUNE_ORIG, PRUNE_MASK = "_orig", "_mask"
 # Files that mark a directory as a training checkpoint even when its weights are missing.
 _CHECKPOINT_MARKERS = ("config.json", "trainer_state.json", "generation_config.json")
 # The store keeps steps as int64.
@@ -220,6 +227,9 @@ def _is_model_file(path: Path, root: Path, notes: list[str]) -> bool:
     if _NOT_MODEL.search(path.stem):
         notes.append(f"skipped {where}: optimizer, scheduler, scaler or RNG state, not weights")
         return False
+    if _MASK_FILE.search(path.stem):
+        notes.append(f"skipped {where}: a mask by its name, not weights (`spectrum masks --mask`)")
+        return False
     if path.suffix == ".ckpt" and _LIGHTNING_LAST.match(path.stem):
         notes.append(f"skipped {where}: {path.name} repeats a step saved under another name")
         return False
@@ -228,7 +238,11 @@ def _is_model_file(path: Path, root: Path, notes: list[str]) -> bool:
 
 def _single_model_file(names: list[str]) -> str | None:
     """The one weights file among ``names`` that is not optimizer or RNG state, if just one."""
-    models = [n for n in names if n.endswith(WEIGHT_SUFFIXES) and not _NOT_MODEL.search(n)]
+    models = [
+        n
+        for n in names
+        if n.endswith(WEIGHT_SUFFIXES) and not _NOT_MODEL.search(n) and not _MASK_FILE.search(n)
+    ]
     return models[0] if len(models) == 1 else None
 
 
@@ -380,6 +394,10 @@ def read_metadata(path: Path) -> dict[str, str]:
 def load_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield the model weights of one checkpoint, one tensor at a time where the format allows.
 
+    A weight pruned with ``torch.nn.utils.prune`` is saved as two tensors, ``fc.weight_orig``
+    and ``fc.weight_mask``; it is yielded as the weight the model computes with, ``fc.weight``
+    = orig ⊙ mask.
+
     Parameters
     ----------
     path : Path
@@ -390,6 +408,61 @@ def load_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     tuple of (str, torch.Tensor)
         The normalised state-dict key and its tensor, in the checkpoint's own order. Tensors of
         every dtype and shape are yielded; optimizer and scheduler state never are.
+
+    Raises
+    ------
+    CheckpointError
+        As :func:`load_with_masks`.
+    """
+    for name, tensor, mask in load_with_masks(path):
+        yield name, tensor if mask is None else tensor * mask.to(tensor.dtype)
+
+
+def load_with_masks(path: Path) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]:
+    """Yield a checkpoint's weights with the ``torch.nn.utils.prune`` mask of each pruned one.
+
+    Parameters
+    ----------
+    path : Path
+        A weights file, or a directory in Hugging Face layout (single file or shards).
+
+    Yields
+    ------
+    tuple of (str, torch.Tensor, torch.Tensor or None)
+        The layer, its tensor and its mask: a pair ``fc.weight_orig``, ``fc.weight_mask`` gives
+        (``fc.weight``, the unmasked weight, the mask as stored); every other tensor, a half
+        without its partner included, gives (its key, itself, None). In the checkpoint's order,
+        a pair where its second half is found and lone halves last.
+
+    Raises
+    ------
+    CheckpointError
+        As :func:`load_tensors` without masks, and if the two halves of a pair differ in shape.
+    """
+    pending: dict[str, tuple[str, torch.Tensor]] = {}
+    for name, tensor in _stored_tensors(path):
+        half = next((end for end in (PRUNE_ORIG, PRUNE_MASK) if name.endswith(end)), None)
+        if half is None:
+            yield name, tensor, None
+            continue
+        layer = name.removesuffix(half)
+        if layer not in pending:
+            pending[layer] = (half, tensor)
+            continue
+        _, partner = pending.pop(layer)
+        orig, mask = (tensor, partner) if half == PRUNE_ORIG else (partner, tensor)
+        if orig.shape != mask.shape:
+            raise CheckpointError(
+                f"{path}: pruned layer {layer!r} has weight shape {tuple(orig.shape)} but mask "
+                f"shape {tuple(mask.shape)}; expected torch.nn.utils.prune's pair of one shape"
+            )
+        yield layer, orig, mask
+    for layer, (half, tensor) in pending.items():
+        yield layer + half, tensor, None
+
+
+def _stored_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of one checkpoint as stored, one at a time where the format allows.
 
     Raises
     ------

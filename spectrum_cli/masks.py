@@ -6,16 +6,19 @@ a random mask of the same density does not. For each masked matrix this module r
 
 - the *density* of its mask M (the kept fraction of its entries);
 - the *agreement score* between W and M⊙W: the mean of the first 10 diagonal entries of
-  S_ij = |(u_i·u'_j)(v_i·v'_j)| (see :mod:`spectrum_cli.metrics.agreement`);
+  S_ij = |(u_i·u'_j)(v_i·v'_j)| (see :mod:`spectrum_cli.metrics.agreement`), in [0, 1];
 - the same score for a seeded random mask of equal density, the control;
 - the overlap (IoU) between the magnitude mask of W and the magnitude mask of its rank-k
   approximation at the same density, for k = 1, 2, 4, …, r, and the IoU of the random mask
-  with the magnitude mask of W, the control line (about d / (2 − d) at density d).
+  with the magnitude mask of W, the control line (about d / (2 − d) at density d). Both
+  depend on W and the density only, not on which entries the given mask keeps; at density 0
+  they are undefined (None).
 
 Masks come from a file of 0/1 tensors keyed like the weights, from ``torch.nn.utils.prune``'s
 ``weight_orig``/``weight_mask`` pairs inside the checkpoint, or are computed by magnitude over
-all prunable matrices at once or per layer; the output layer (the last matrix in tensor order)
-is left whole unless asked for. Weights are masked here (M⊙W), so they may be stored unmasked.
+all prunable matrices at once or per layer; the output layer
+(:func:`spectrum_cli.matrices.output_layer`) is left whole unless asked for. Weights are
+masked here (M⊙W), so they should be stored unmasked.
 
 Over training, :func:`agreement_over_training` compares a dense run with a masked run from the
 stored spectra: the agreement score of their top singular vectors at each step both have.
@@ -27,16 +30,16 @@ import logging
 import tempfile
 import zlib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from spectrum_cli.checkpoints import load_tensors
+from spectrum_cli.checkpoints import PRUNE_MASK, in_model_order, load_with_masks
 from spectrum_cli.errors import CheckpointError, StoreError, UsageError
-from spectrum_cli.matrices import as_matrix, matrix_info
+from spectrum_cli.matrices import as_matrix, matrix_info, output_layer
 from spectrum_cli.metrics.agreement import SCORE_INDICES, agreement_score
 from spectrum_cli.spectra import Spectrum, decompose_batch
 
@@ -45,7 +48,31 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_PRUNE_ORIG, _PRUNE_MASK = "_orig", "_mask"
+
+@dataclass(frozen=True)
+class CheckpointWeights:
+    """What a checkpoint holds for masking.
+
+    Attributes
+    ----------
+    path
+        The checkpoint.
+    matrices
+        Every matrix-shaped weight by layer name, unmasked, in the checkpoint's tensor order.
+    shapes
+        The shape of every tensor by layer name, vectors included.
+    masks
+        Boolean masks found as ``torch.nn.utils.prune`` pairs, by layer; empty when none.
+    model_order
+        Whether the tensor order is the model's own (see
+        :func:`spectrum_cli.checkpoints.in_model_order`).
+    """
+
+    path: Path
+    matrices: dict[str, torch.Tensor]
+    shapes: dict[str, tuple[int, ...]]
+    masks: dict[str, torch.Tensor]
+    model_order: bool
 
 
 @dataclass(frozen=True)
@@ -61,11 +88,19 @@ class MaskedWeights:
         left whole and not reported.
     source
         How the masks came about, in words.
+    output_layer
+        The matrix taken as the output layer; None when not known.
     """
 
     weights: dict[str, torch.Tensor]
     masks: dict[str, torch.Tensor]
     source: str
+    output_layer: str | None = None
+    unmasked: list[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        unmasked = [layer for layer in self.weights if layer not in self.masks]
+        object.__setattr__(self, "unmasked", unmasked)
 
 
 @dataclass(frozen=True)
@@ -81,15 +116,16 @@ class LayerMaskReport:
     density
         Kept fraction of the mask.
     agreement
-        Agreement score between W and M⊙W.
+        Agreement score between W and M⊙W, in [0, 1]; 0 for an empty mask.
     random_agreement
         Agreement score between W and R⊙W for a random mask R of the same density.
     ranks
         k = 1, 2, 4, …, r with r = min(m, n).
     iou
-        IoU of the magnitude mask of W with that of its rank-k approximation, one per rank.
+        IoU of the magnitude mask of W with that of its rank-k approximation, one per rank;
+        None when the mask keeps nothing, where no overlap is defined.
     random_iou
-        IoU of the random mask R with the magnitude mask of W.
+        IoU of the random mask R with the magnitude mask of W; None when the mask keeps nothing.
     """
 
     layer: str
@@ -98,8 +134,8 @@ class LayerMaskReport:
     agreement: float
     random_agreement: float
     ranks: list[int]
-    iou: list[float]
-    random_iou: float
+    iou: list[float] | None
+    random_iou: float | None
 
 
 @dataclass(frozen=True)
@@ -114,11 +150,12 @@ class StepAgreement:
 # ---------------------------------------------------------------------------- masks in
 
 
-def load_weights(checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Read a checkpoint's matrices, resolving ``torch.nn.utils.prune`` pairs.
+def load_weights(checkpoint: Path) -> CheckpointWeights:
+    """Read a checkpoint's matrices, with the masks of ``torch.nn.utils.prune`` pairs.
 
     A pruned module saves ``fc.weight_orig`` (the unmasked weight) and ``fc.weight_mask``;
-    together they become layer ``fc.weight`` with its mask.
+    together they become layer ``fc.weight`` with its mask
+    (:func:`spectrum_cli.checkpoints.load_with_masks`).
 
     Parameters
     ----------
@@ -127,94 +164,102 @@ def load_weights(checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict[str, t
 
     Returns
     -------
-    weights : dict of str to torch.Tensor
-        Every floating tensor with two or more dimensions, by layer, in tensor order.
-    masks : dict of str to torch.Tensor
-        The boolean masks found as prune pairs; empty when there are none.
-    """
-    tensors = dict(load_tensors(checkpoint))
+    CheckpointWeights
 
-    # Pair fc.weight_orig with fc.weight_mask; every other tensor keeps its own name.
-    pairs = {
-        key.removesuffix(_PRUNE_ORIG): key
-        for key in tensors
-        if key.endswith(_PRUNE_ORIG) and key.removesuffix(_PRUNE_ORIG) + _PRUNE_MASK in tensors
-    }
-    mask_keys = {layer + _PRUNE_MASK for layer in pairs}
-    weights: dict[str, torch.Tensor] = {}
+    Raises
+    ------
+    CheckpointError
+        If the checkpoint holds no weight matrix.
+    """
+    matrices: dict[str, torch.Tensor] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
     masks: dict[str, torch.Tensor] = {}
-    for key, tensor in tensors.items():
-        if key in mask_keys:
-            continue
-        layer = key.removesuffix(_PRUNE_ORIG) if key.endswith(_PRUNE_ORIG) else key
+    for layer, tensor, mask in load_with_masks(checkpoint):
+        shapes[layer] = tuple(tensor.shape)
         if matrix_info(layer, tensor) is None:
             continue
-        weights[layer] = tensor
-        if layer in pairs:
-            masks[layer] = _as_bool(tensors[layer + _PRUNE_MASK], layer, checkpoint)
-    if not weights:
+        matrices[layer] = tensor
+        if mask is not None:
+            masks[layer] = _as_bool(mask, layer, checkpoint)
+    if not matrices:
         raise CheckpointError(f"{checkpoint} holds no weight matrices to mask")
-    return weights, masks
+    return CheckpointWeights(checkpoint, matrices, shapes, masks, in_model_order(checkpoint))
 
 
 def read_masks(
-    path: Path, weights: Mapping[str, torch.Tensor], checkpoint: Path
+    path: Path, checkpoint: CheckpointWeights, output: str | None = None
 ) -> dict[str, torch.Tensor]:
-    """Read a file of 0/1 tensors keyed like the weights, checked against them.
+    """Read a file of 0/1 tensors keyed like the weights, checked against them both ways.
 
     Keys are normalised as for checkpoints; a file saved from a pruned model's state dict is
-    read through its ``*_mask`` entries. Masks may be boolean or any numeric dtype holding only
-    0 and 1. Matrices the file has no mask for are left whole.
+    read through its masks. Masks may be boolean or any numeric dtype holding only 0 and 1.
+    Every mask must name a tensor of the checkpoint and have its shape, vectors (bias masks)
+    included, and every matrix but the output layer must have a mask. Only the masks of
+    matrices are returned.
 
     Parameters
     ----------
     path
         The mask file (safetensors or ``torch.save``).
-    weights
-        The checkpoint's matrices, as :func:`load_weights` returns them.
     checkpoint
-        The checkpoint's path, for messages.
+        The checkpoint's tensors, as :func:`load_weights` returns them.
+    output
+        The output layer, which the file may leave out (it is then left whole).
 
     Returns
     -------
     dict of str to torch.Tensor
-        Boolean masks by layer, for the matrices the file covers, in tensor order.
+        Boolean masks by layer, in the checkpoint's tensor order.
 
     Raises
     ------
     UsageError
-        Listing every difference at once: mask keys with no weight, shapes that differ, and
-        the matrices left without a mask; or naming masks that hold values other than 0 and 1.
+        If the file cannot be read, or listing every difference at once: mask keys with no
+        tensor, shapes that differ, matrices left without a mask; or naming masks that hold
+        values other than 0 and 1.
     """
-    loaded = dict(load_tensors(path))
-    if any(key.endswith(_PRUNE_MASK) for key in loaded):
-        loaded = {
-            k.removesuffix(_PRUNE_MASK): t for k, t in loaded.items() if k.endswith(_PRUNE_MASK)
-        }
+    if not path.is_file():
+        raise UsageError(f"mask file {path} does not exist; pass a safetensors or torch file")
+    try:
+        entries = list(load_with_masks(path))
+    except CheckpointError as error:
+        raise UsageError(f"cannot read mask file {path}: {error}") from None
 
-    # Vectors (bias masks) say nothing about matrices; drop them.
-    loaded = {layer: mask for layer, mask in loaded.items() if mask.dim() >= 2}
+    # A pruned model's state dict holds its masks as pairs, or as lone `*_mask` tensors.
+    loaded = {layer: mask for layer, _, mask in entries if mask is not None}
+    if not loaded:
+        loaded = {name: tensor for name, tensor, _ in entries}
+        if any(name.endswith(PRUNE_MASK) for name in loaded):
+            loaded = {
+                name.removesuffix(PRUNE_MASK): tensor
+                for name, tensor in loaded.items()
+                if name.endswith(PRUNE_MASK)
+            }
 
     # Collect every difference before stopping, so one run shows them all.
     differences = []
     for layer, mask in loaded.items():
-        if layer not in weights:
-            differences.append(f"mask {layer!r} has no weight matrix in the checkpoint")
-        elif tuple(mask.shape) != tuple(weights[layer].shape):
+        expected = checkpoint.shapes.get(layer)
+        if expected is None:
+            differences.append(f"mask {layer!r} has no tensor in the checkpoint")
+        elif tuple(mask.shape) != expected:
             differences.append(
-                f"{layer!r}: mask shape {tuple(mask.shape)}, weight shape "
-                f"{tuple(weights[layer].shape)}"
+                f"{layer!r}: mask shape {tuple(mask.shape)}, weight shape {expected}"
             )
+        elif mask.dim() >= 2 and layer not in checkpoint.matrices:
+            differences.append(f"mask {layer!r} is for a tensor that is not a weight matrix")
+    unmasked = [layer for layer in checkpoint.matrices if layer not in loaded and layer != output]
+    if unmasked:
+        differences.append(f"matrices without a mask: {', '.join(unmasked)}")
     if differences:
-        unmasked = [layer for layer in weights if layer not in loaded]
-        left_whole = f"; matrices without a mask: {', '.join(unmasked)}" if unmasked else ""
         raise UsageError(
-            f"mask {path} does not match checkpoint {checkpoint} "
-            f"({len(differences)} differences): {'; '.join(differences)}{left_whole}"
+            f"mask {path} does not match checkpoint {checkpoint.path} "
+            f"({len(differences)} differences): {'; '.join(differences)}"
         )
-    masks = {layer: _as_bool(loaded[layer], layer, path) for layer in weights if layer in loaded}
+    checked = {layer: _as_bool(mask, layer, path) for layer, mask in loaded.items()}
+    masks = {layer: checked[layer] for layer in checkpoint.matrices if layer in checked}
     if not masks:
-        raise UsageError(f"mask {path} covers no weight matrix of {checkpoint}")
+        raise UsageError(f"mask {path} covers no weight matrix of {checkpoint.path}")
     return masks
 
 
@@ -232,10 +277,22 @@ def _as_bool(mask: torch.Tensor, layer: str, where: Path) -> torch.Tensor:
     return mask != 0
 
 
-def prunable_layers(weights: Mapping[str, torch.Tensor], include_output: bool) -> list[str]:
-    """The layers magnitude pruning may touch: all matrices but the last, unless included."""
-    layers = list(weights)
-    return layers if include_output or len(layers) == 1 else layers[:-1]
+def prunable_layers(
+    weights: Mapping[str, torch.Tensor], output: str | None, include_output: bool = False
+) -> list[str]:
+    """The layers magnitude pruning may touch: every matrix but the output layer, unless included.
+
+    Raises
+    ------
+    UsageError
+        If that leaves no matrix.
+    """
+    layers = [layer for layer in weights if include_output or layer != output]
+    if not layers:
+        raise UsageError(
+            f"the only matrix, {output}, is the output layer; pass --include-output to prune it"
+        )
+    return layers
 
 
 def magnitude_masks(
@@ -243,6 +300,7 @@ def magnitude_masks(
     keep: float,
     scope: str = "global",
     include_output: bool = False,
+    output: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Keep the largest |w|, over all prunable matrices at once or layer by layer.
 
@@ -256,7 +314,9 @@ def magnitude_masks(
         ``"global"``: one threshold over every prunable matrix; ``"layer"``: the same fraction
         in each.
     include_output
-        Prune the output layer (the last matrix) too.
+        Prune the output layer too.
+    output
+        The output layer; by default the last matrix of ``weights``.
 
     Returns
     -------
@@ -267,7 +327,9 @@ def magnitude_masks(
         raise UsageError(f"--keep must be a fraction in (0, 1], got {keep}")
     if scope not in ("global", "layer"):
         raise UsageError(f"--scope must be global or layer, got {scope!r}")
-    layers = prunable_layers(weights, include_output)
+    if output is None:
+        output = output_layer(list(weights), model_order=True)
+    layers = prunable_layers(weights, output, include_output)
     if scope == "layer":
         return {
             layer: magnitude_mask(weights[layer], max(1, round(keep * weights[layer].numel())))
@@ -310,42 +372,75 @@ def collect_masks(
     *,
     mask: Path | None = None,
     keep: float | None = None,
-    scope: str = "global",
+    scope: str | None = None,
     include_output: bool = False,
+    output: str | None = None,
 ) -> MaskedWeights:
     """Read a checkpoint and find its masks: from a file, from prune pairs, or by magnitude.
+
+    Masks given (a file, or ``keep``) take the place of prune pairs in the checkpoint, with a
+    warning; options that would change nothing are refused.
 
     Parameters
     ----------
     checkpoint
         The weights to mask, stored unmasked.
     mask
-        A file of 0/1 tensors keyed like the weights.
+        A file of 0/1 tensors keyed like the weights (see :func:`read_masks`).
     keep
         Compute magnitude masks keeping this fraction instead (see :func:`magnitude_masks`).
-    scope, include_output
-        As for :func:`magnitude_masks`.
+    scope
+        As for :func:`magnitude_masks`; ``"global"`` when not given. Only with ``keep``.
+    include_output
+        As for :func:`magnitude_masks`. Only with ``keep``.
+    output
+        The output layer by name, in place of :func:`spectrum_cli.matrices.output_layer`'s
+        choice. Only with ``mask`` or ``keep``.
 
     Raises
     ------
     UsageError
         When both or neither of ``mask`` and ``keep`` are given and the checkpoint carries no
-        prune pairs, or when the mask does not fit the checkpoint.
+        prune pairs, when an option applies to neither, or when the mask does not fit the
+        checkpoint.
     """
     if mask is not None and keep is not None:
         raise UsageError("give either --mask or --keep, not both")
-    weights, embedded = load_weights(checkpoint)
+    if keep is None:
+        ignored = [
+            flag
+            for flag, given in (
+                ("--scope", scope is not None),
+                ("--include-output", include_output),
+            )
+            if given
+        ]
+        if ignored:
+            raise UsageError(f"{' and '.join(ignored)} apply to --keep only")
+    loaded = load_weights(checkpoint)
+    if mask is None and keep is None and loaded.masks and output is not None:
+        raise UsageError("--output-layer applies to --mask and --keep, not to prune masks")
+    out = output_layer(list(loaded.matrices), model_order=loaded.model_order, name=output)
+    given = "--mask FILE" if mask is not None else f"--keep {keep:g}" if keep is not None else ""
+    if given and loaded.masks:
+        log.warning(
+            "%s carries torch.nn.utils.prune masks; they are ignored and %s is used "
+            "on its unmasked weights",
+            checkpoint,
+            given,
+        )
     if mask is not None:
-        if embedded:
-            log.warning("%s carries prune masks; using %s instead", checkpoint, mask)
-        return MaskedWeights(weights, read_masks(mask, weights, checkpoint), f"mask file {mask}")
+        masks = read_masks(mask, loaded, out)
+        return MaskedWeights(loaded.matrices, masks, f"mask file {mask}", out)
     if keep is not None:
-        masks = magnitude_masks(weights, keep, scope, include_output)
-        output = ", output layer included" if include_output else ""
-        source = f"magnitude, {scope} scope, keep {keep:g}{output}"
-        return MaskedWeights(weights, masks, source)
-    if embedded:
-        return MaskedWeights(weights, embedded, "torch.nn.utils.prune masks in the checkpoint")
+        scope = scope or "global"
+        masks = magnitude_masks(loaded.matrices, keep, scope, include_output, out)
+        output_note = ", output layer included" if include_output else ""
+        source = f"magnitude, {scope} scope, keep {keep:g}{output_note}"
+        return MaskedWeights(loaded.matrices, masks, source, out)
+    if loaded.masks:
+        source = "torch.nn.utils.prune masks in the checkpoint"
+        return MaskedWeights(loaded.matrices, loaded.masks, source, out)
     raise UsageError(
         f"{checkpoint} carries no prune masks; give --mask FILE or --keep FRACTION (e.g. 0.05)"
     )
@@ -360,13 +455,13 @@ def rank_grid(rank: int) -> list[int]:
     return [*ranks, rank]
 
 
-def mask_iou(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Intersection over union of two boolean masks; two empty masks overlap fully."""
+def mask_iou(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    """Intersection over union of two boolean masks; None (undefined) when both are empty."""
     union = int((a | b).sum())
-    return float(int((a & b).sum()) / union) if union else 1.0
+    return float(int((a & b).sum()) / union) if union else None
 
 
-def low_rank_overlap(matrix: torch.Tensor, count: int) -> tuple[list[int], list[float]]:
+def low_rank_overlap(matrix: torch.Tensor, count: int) -> tuple[list[int], list[float] | None]:
     """IoU of the magnitude mask of W with that of its rank-k approximations.
 
     Parameters
@@ -380,24 +475,32 @@ def low_rank_overlap(matrix: torch.Tensor, count: int) -> tuple[list[int], list[
     -------
     ranks : list of int
         k = 1, 2, 4, …, r with r = min(m, n).
-    iou : list of float
-        One IoU per rank.
+    iou : list of float or None
+        One IoU per rank; None when ``count`` is 0, where two empty masks have no overlap.
     """
     w = matrix.to(torch.float64)
+    ranks = rank_grid(min(w.shape))
+    if count <= 0:
+        return ranks, None
     reference = magnitude_mask(w, count)
 
     # Full SVD once: (m, r) · (r,) · (r, n) with r = min(m, n).
     left, sigma, right_h = torch.linalg.svd(w, full_matrices=False)
-    ranks = rank_grid(sigma.numel())
     ious = []
     for k in ranks:
         approx = (left[:, :k] * sigma[:k]) @ right_h[:k]  # (m, n), rank k
-        ious.append(mask_iou(reference, magnitude_mask(approx, count)))
+        iou = mask_iou(reference, magnitude_mask(approx, count))
+        assert iou is not None  # both masks keep count > 0 entries
+        ious.append(iou)
     return ranks, ious
 
 
 def compare_masks(masked: MaskedWeights, seed: int = 0) -> list[LayerMaskReport]:
     """Measure what each mask keeps of its matrix's top singular directions.
+
+    Warns (on the ``spectrum_cli.masks`` logger) when a mask keeps nothing, where the IoU is
+    undefined, and when W is already zero wherever its mask is: such weights were stored
+    masked, M⊙W = W, and the agreement score is 1 by construction.
 
     Parameters
     ----------
@@ -418,6 +521,14 @@ def compare_masks(masked: MaskedWeights, seed: int = 0) -> list[LayerMaskReport]
         kept = as_matrix(mask)  # same shape, 0/1
         count = int(kept.sum())
         control = as_matrix(random_mask(tuple(tensor.shape), count, seed, layer))
+        if count == 0:
+            log.warning("%s: the mask keeps nothing (density 0); its IoU is undefined", layer)
+        elif count < w.numel() and not bool(w[kept == 0].any()):
+            log.warning(
+                "%s: W is already zero wherever the mask is 0 (stored masked?), so M⊙W = W and "
+                "its agreement is 1 by construction; give the unmasked weights",
+                layer,
+            )
 
         # Decompose W, M⊙W and R⊙W together; each gives its top singular vectors.
         whole, pruned, shuffled = decompose_batch(
@@ -440,8 +551,13 @@ def compare_masks(masked: MaskedWeights, seed: int = 0) -> list[LayerMaskReport]
 
 
 def _score(a: Spectrum, b: Spectrum, count: int) -> float:
-    """Agreement score of two spectra's top vectors; an empty mask keeps no direction."""
-    return float(agreement_score(a.u, a.v, b.u, b.v)) if count else 0.0
+    """Agreement score of two spectra's top vectors, in [0, 1]; an empty mask keeps none.
+
+    Products of unit vectors can pass 1 by a rounding error; the score is clipped to [0, 1].
+    """
+    if not count:
+        return 0.0
+    return float(np.clip(agreement_score(a.u, a.v, b.u, b.v), 0.0, 1.0))
 
 
 # ---------------------------------------------------------------------------- over training
@@ -452,6 +568,11 @@ def resolve_run(store: Store, name: str) -> str:
 
     A path is matched by its trailing parts: ``runs/masked/dense`` names run ``masked/dense``
     (or run ``dense``, when that is what the store holds); the longest match wins.
+
+    Raises
+    ------
+    UsageError
+        If the store holds no such run.
     """
     runs = store.runs()
     if name in runs:
@@ -459,7 +580,7 @@ def resolve_run(store: Store, name: str) -> str:
     parts = Path(name).resolve().parts
     matches = [run for run in runs if tuple(run.split("/")) == parts[-len(run.split("/")) :]]
     if not matches:
-        raise StoreError(
+        raise UsageError(
             f"no run {name!r} in {store.path} (runs: {', '.join(runs) or 'none'}); "
             f"run `spectrum analyze` on it with --store {store.path}"
         )
@@ -481,7 +602,8 @@ def agreement_over_training(
     Returns
     -------
     list of StepAgreement
-        One per layer both runs have and step both have, by layer then step.
+        One per layer both runs have and step both have, by layer then step; scores in [0, 1].
+        Layers only one run has, or that differ in shape, are named in a warning.
 
     Raises
     ------
@@ -489,15 +611,27 @@ def agreement_over_training(
         When the runs share no layer or no step.
     """
     # Layers of the dense run, in its order, that the masked run has with the same shape.
-    shapes = {
+    shapes_a = {
+        layer: dense.layer_attrs(dense_run, layer)["matrix_shape"]
+        for layer in dense.layers(dense_run)
+    }
+    shapes_b = {
         layer: masked.layer_attrs(masked_run, layer)["matrix_shape"]
         for layer in masked.layers(masked_run)
     }
-    layers = [
-        layer
-        for layer in dense.layers(dense_run)
-        if shapes.get(layer) == dense.layer_attrs(dense_run, layer)["matrix_shape"]
-    ]
+    layers = [layer for layer, shape in shapes_a.items() if shapes_b.get(layer) == shape]
+    unshared = {
+        f"only in {dense_run!r}": [layer for layer in shapes_a if layer not in shapes_b],
+        f"only in {masked_run!r}": [layer for layer in shapes_b if layer not in shapes_a],
+        "of another shape in each": [
+            layer for layer in shapes_a if layer in shapes_b and layer not in layers
+        ],
+    }
+    if any(unshared.values()):
+        log.warning(
+            "layers left out: %s",
+            "; ".join(f"{where}: {', '.join(names)}" for where, names in unshared.items() if names),
+        )
     if not layers:
         raise StoreError(f"runs {dense_run!r} and {masked_run!r} share no layer of one shape")
     rows = []
@@ -509,6 +643,7 @@ def agreement_over_training(
         # Score every shared step at once: u (steps, m, k), v (steps, n, k) → (steps,).
         shared, rows_a, rows_b = np.intersect1d(a.steps, b.steps, return_indices=True)
         scores = agreement_score(a.u[rows_a], a.v[rows_a], b.u[rows_b], b.v[rows_b])
+        scores = np.clip(scores, 0.0, 1.0)  # unit-vector products may pass 1 by rounding
         rows += [
             StepAgreement(layer, int(t), float(s)) for t, s in zip(shared, scores, strict=True)
         ]
@@ -531,10 +666,20 @@ def compare_runs(dense_run: str, masked_run: str, store: Path | None = None) -> 
     store
         A store holding both runs. Without one, each run directory is analysed into a
         temporary store of its own (top 10 singular vectors) that is removed afterwards.
+
+    Raises
+    ------
+    UsageError
+        If the store does not exist, names no such run, or a run directory is not one.
     """
     from spectrum_cli.store import Store
 
     if store is not None:
+        if not store.exists():
+            raise UsageError(
+                f"store {store} does not exist; run `spectrum analyze RUNS --store {store}` "
+                "first, or leave out --store to analyse the run directories afresh"
+            )
         both = Store.open(store)
         dense, masked = resolve_run(both, dense_run), resolve_run(both, masked_run)
         return agreement_over_training(both, dense, both, masked)

@@ -2,8 +2,9 @@
 
 Every floating tensor with two or more dimensions is a matrix. A 2-D weight is taken as stored
 (out × in); a convolution kernel (out, in, k…) is flattened to out × (in·k…). Integer and
-boolean tensors, and all 1-D tensors, are skipped. Half-precision weights are upcast to
-float32 before decomposing (float64 weights are kept as they are); the stored dtype is recorded.
+boolean tensors, all 1-D tensors, and masks (keys ending in ``_mask``, as ``torch.nn.utils.prune``
+and attention masks are named) are skipped. Half-precision weights are upcast to float32 before
+decomposing (float64 weights are kept as they are); the stored dtype is recorded.
 :func:`output_layer` names the matrix that pruning leaves whole by default.
 """
 
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from spectrum_cli.checkpoints import PRUNE_MASK
 from spectrum_cli.errors import UsageError
 
 AS_STORED = "as stored (out × in)"
@@ -47,7 +49,7 @@ def matrix_info(layer: str, tensor: torch.Tensor) -> MatrixInfo | None:
     tensor
         The tensor as loaded; only its dtype and shape are read.
     """
-    if not tensor.dtype.is_floating_point or tensor.dim() < 2:
+    if not tensor.dtype.is_floating_point or tensor.dim() < 2 or layer.endswith(PRUNE_MASK):
         return None
     shape = tuple(int(d) for d in tensor.shape)
     if 0 in shape:

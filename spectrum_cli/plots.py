@@ -299,7 +299,8 @@ def mask_overlap_figure(title: str, reports: Sequence[LayerMaskReport]) -> Figur
     """IoU of each layer's magnitude mask with its rank-k approximation's, against k.
 
     A dashed line in the layer's colour marks its random control: the IoU of a random mask of
-    the same density with the magnitude mask (about d / (2 − d) at density d).
+    the same density with the magnitude mask (about d / (2 − d) at density d). Layers whose
+    IoU is undefined (a mask that keeps nothing) are left out.
 
     Parameters
     ----------
@@ -317,8 +318,10 @@ def mask_overlap_figure(title: str, reports: Sequence[LayerMaskReport]) -> Figur
 
     figure = Figure(figsize=(8, 5), dpi=_DPI, layout="constrained")
     ax = figure.subplots()
+    reports = [r for r in reports if r.iou is not None and r.random_iou is not None]
     colours = colormaps["viridis"](np.linspace(0, 0.9, len(reports)))
     for report, colour in zip(reports, colours, strict=True):
+        assert report.iou is not None and report.random_iou is not None
         label = f"{report.layer} (d = {report.density:.3f})"
         ax.plot(report.ranks, report.iou, marker=".", color=colour, label=label, linewidth=1.2)
         ax.axhline(report.random_iou, color=colour, linestyle="--", linewidth=0.8)
@@ -330,7 +333,7 @@ def mask_overlap_figure(title: str, reports: Sequence[LayerMaskReport]) -> Figur
     ax.set_ylabel("IoU of the magnitude masks of W and of its rank-k approximation")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
-    if len(reports) <= MAX_LEGEND:
+    if 0 < len(reports) <= MAX_LEGEND:
         ax.legend(fontsize=7, loc="best", title="dashed: random mask", title_fontsize=7)
     figure.suptitle(title, fontsize=10)
     return figure

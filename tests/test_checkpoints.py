@@ -21,6 +21,7 @@ from spectrum_cli.checkpoints import (
     discover,
     in_model_order,
     load_tensors,
+    load_with_masks,
     normalise_name,
     read_metadata,
     step_from_name,
@@ -410,6 +411,65 @@ def test_only_pickles_keep_the_models_order(tmp_path: Path) -> None:
     assert [name for name, _ in load_tensors(tmp_path / "step_1.pt")] == list(layers)
     assert in_model_order(tmp_path / "step_1.pt")
     assert not in_model_order(tmp_path / "step_1.safetensors")
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_prune_pairs_load_as_the_masked_weight(tmp_path: Path, suffix: str) -> None:
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+    prune.l1_unstructured(net[0], "weight", amount=0.5)
+    state = {key: value.detach().clone() for key, value in net.state_dict().items()}
+    path = tmp_path / f"step_1{suffix}"
+    if suffix == ".pt":
+        torch.save(state, path)
+    else:
+        save_file(state, path)
+
+    loaded = dict(load_tensors(path))
+    paired = {name: (tensor, mask) for name, tensor, mask in load_with_masks(path)}
+
+    assert sorted(loaded) == ["0.bias", "0.weight", "2.bias", "2.weight"]
+    assert torch.equal(loaded["0.weight"], net[0].weight.detach())
+    assert int((loaded["0.weight"] == 0).sum()) == 24
+    orig, mask = paired["0.weight"]
+    assert torch.equal(orig, net[0].weight_orig.detach()) and mask is not None
+    assert torch.equal(mask, net[0].weight_mask)
+    assert paired["2.weight"][1] is None
+
+
+def test_a_lone_half_of_a_prune_pair_keeps_its_name(tmp_path: Path) -> None:
+    torch.save(
+        {"a.weight_orig": torch.ones(2, 2), "b.weight_mask": torch.ones(2, 2)}, tmp_path / "x.pt"
+    )
+
+    assert sorted(name for name, _ in load_tensors(tmp_path / "x.pt")) == [
+        "a.weight_orig",
+        "b.weight_mask",
+    ]
+
+
+def test_prune_pair_halves_of_two_shapes_are_refused(tmp_path: Path) -> None:
+    torch.save(
+        {"a.weight_orig": torch.ones(2, 3), "a.weight_mask": torch.ones(3, 2)}, tmp_path / "x.pt"
+    )
+
+    with pytest.raises(CheckpointError, match=r"'a.weight' has weight shape \(2, 3\) but mask"):
+        list(load_tensors(tmp_path / "x.pt"))
+
+
+def test_files_named_as_masks_are_not_checkpoints(tmp_path: Path) -> None:
+    for name in ("step_1.pt", "masked_step_2.pt", "mask.safetensors", "lottery_mask_05.pt"):
+        _touch_weights(tmp_path / "run" / name)
+
+    found = discover(tmp_path / "run")
+
+    assert [c.path.name for c in found.checkpoints] == ["step_1.pt", "masked_step_2.pt"]
+    notes = "\n".join(found.notes)
+    assert "skipped mask.safetensors: a mask by its name" in notes
+    assert "skipped lottery_mask_05.pt: a mask by its name" in notes
+    assert "rename" not in notes
 
 
 def test_whole_pickled_module_yields_its_state_dict(tmp_path: Path) -> None:

@@ -13,12 +13,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from spectrum_cli.errors import StoreError, UsageError
+from spectrum_cli.errors import UsageError
 from spectrum_cli.masks import (
     MaskedWeights,
     collect_masks,
     compare_masks,
     compare_runs,
+    load_weights,
     low_rank_overlap,
     magnitude_mask,
     magnitude_masks,
@@ -156,6 +157,43 @@ def test_magnitude_beats_random_on_a_matrix_with_strong_directions():
     assert report.agreement > 0.25 and report.random_agreement < 0.1
 
 
+def test_an_empty_mask_has_no_overlap_and_keeps_no_direction(caplog):
+    weights = {"fc.weight": low_rank_weights(12, 10, seed=3)}
+    masks = {"fc.weight": torch.zeros(12, 10, dtype=torch.bool)}
+
+    with caplog.at_level("WARNING", logger="spectrum_cli.masks"):
+        [report] = compare_masks(MaskedWeights(weights, masks, "empty"))
+
+    assert report.density == 0.0 and report.agreement == 0.0
+    assert report.iou is None and report.random_iou is None
+    assert report.ranks == [1, 2, 4, 8, 10]
+    assert "fc.weight: the mask keeps nothing (density 0); its IoU is undefined" in caplog.text
+    assert mask_iou(masks["fc.weight"], masks["fc.weight"]) is None
+
+
+def test_scores_stay_within_one_when_rounding_passes_it(monkeypatch):
+    weights = {"fc.weight": low_rank_weights(12, 10, seed=3)}
+    masks = {"fc.weight": torch.ones(12, 10, dtype=torch.bool)}
+    monkeypatch.setattr("spectrum_cli.masks.agreement_score", lambda *_: np.float64(1 + 2e-8))
+
+    [report] = compare_masks(MaskedWeights(weights, masks, "ones"))
+
+    assert report.agreement == 1.0 and report.random_agreement == 1.0
+
+
+def test_weights_stored_masked_are_named_in_a_warning(caplog):
+    w = low_rank_weights(30, 20, seed=4)
+    mask = magnitude_mask(w, 60)
+
+    with caplog.at_level("WARNING", logger="spectrum_cli.masks"):
+        [report] = compare_masks(MaskedWeights({"fc.weight": w * mask}, {"fc.weight": mask}, "m"))
+        [unmasked] = compare_masks(MaskedWeights({"fc.weight": w}, {"fc.weight": mask}, "m"))
+
+    assert report.agreement == pytest.approx(1.0, abs=1e-6) and report.agreement <= 1.0
+    assert caplog.text.count("W is already zero wherever the mask is 0") == 1
+    assert unmasked.agreement < 1.0
+
+
 def collect_masks_from(weights: dict[str, torch.Tensor], **how) -> MaskedWeights:
     return MaskedWeights(weights, magnitude_masks(weights, **how), "magnitude")
 
@@ -210,43 +248,76 @@ def test_prune_pairs_are_read_as_weight_and_mask(tmp_path):
 def test_boolean_and_numeric_masks_read_alike(tmp_path, dtype, suffix):
     weights = mlp_weights()
     save_file(weights, tmp_path / "ckpt.safetensors")
-    mask = (weights["fc1.weight"].abs() > 0.2).to(dtype)
+    mask = {layer: (weights[layer].abs() > 0.2).to(dtype) for layer in ("fc1.weight", "fc2.weight")}
     if suffix == ".pt":
-        torch.save({"module.fc1.weight": mask}, tmp_path / f"mask{suffix}")
+        torch.save({f"module.{layer}": m for layer, m in mask.items()}, tmp_path / f"mask{suffix}")
     else:
-        save_file({"fc1.weight": mask}, tmp_path / f"mask{suffix}")
+        save_file(mask, tmp_path / f"mask{suffix}")
 
     masked = collect_masks(tmp_path / "ckpt.safetensors", mask=tmp_path / f"mask{suffix}")
 
-    assert list(masked.masks) == ["fc1.weight"]
+    assert list(masked.masks) == ["fc1.weight", "fc2.weight"]
     assert torch.equal(masked.masks["fc1.weight"], weights["fc1.weight"].abs() > 0.2)
+    assert masked.output_layer == "out.weight" and masked.unmasked == ["out.weight"]
 
 
 def test_a_mismatched_mask_lists_every_difference_at_once(tmp_path):
-    weights = mlp_weights()
-    matrices = {k: w for k, w in weights.items() if w.dim() == 2}
+    save_file(mlp_weights(), tmp_path / "ckpt.safetensors")
     mask = {
         "fc1.weight": torch.ones(32, 48, dtype=torch.bool),  # transposed
         "fc3.weight": torch.ones(5, 5, dtype=torch.bool),  # no such layer
-        "fc2.weight": torch.ones(40, 48, dtype=torch.bool),  # fine
-        "fc2.bias": torch.ones(40, dtype=torch.bool),  # a vector: ignored
+        "fc2.bias": torch.ones(41, dtype=torch.bool),  # a vector of the wrong length
+        "fc9.bias": torch.ones(40, dtype=torch.bool),  # a vector with no tensor
+        "out.bias": torch.ones(10, dtype=torch.bool),  # a vector that fits
     }
     save_file(mask, tmp_path / "mask.safetensors")
+    checkpoint = load_weights(tmp_path / "ckpt.safetensors")
 
     with pytest.raises(UsageError) as caught:
-        read_masks(tmp_path / "mask.safetensors", matrices, tmp_path / "ckpt.safetensors")
+        read_masks(tmp_path / "mask.safetensors", checkpoint, output="out.weight")
 
     message = str(caught.value)
-    assert "2 differences" in message
+    assert "5 differences" in message
     assert "'fc1.weight': mask shape (32, 48), weight shape (48, 32)" in message
-    assert "mask 'fc3.weight' has no weight matrix" in message
-    assert "fc2.weight" not in message.split("matrices without a mask")[0]
+    assert "mask 'fc3.weight' has no tensor in the checkpoint" in message
+    assert "'fc2.bias': mask shape (41,), weight shape (40,)" in message
+    assert "mask 'fc9.bias' has no tensor" in message
+    assert message.endswith("matrices without a mask: fc2.weight")
+    assert "out.bias" not in message
+
+
+def test_a_mask_must_cover_every_matrix_but_the_output_layer(tmp_path):
+    weights = mlp_weights()
+    save_file(weights, tmp_path / "ckpt.safetensors")
+    save_file({"fc1.weight": torch.ones(48, 32)}, tmp_path / "some.safetensors")
+    everything = {k: torch.ones_like(w) for k, w in weights.items() if w.dim() == 2}
+    save_file(everything, tmp_path / "all.safetensors")
+    checkpoint = load_weights(tmp_path / "ckpt.safetensors")
+
+    with pytest.raises(UsageError, match=r"1 differences.*without a mask: fc2\.weight$"):
+        read_masks(tmp_path / "some.safetensors", checkpoint, output="out.weight")
+    with pytest.raises(UsageError, match=r"without a mask: fc2\.weight, out\.weight$"):
+        read_masks(tmp_path / "some.safetensors", checkpoint, output=None)
+    masks = read_masks(tmp_path / "all.safetensors", checkpoint, output="out.weight")
+    assert list(masks) == ["fc1.weight", "fc2.weight", "out.weight"]
+
+
+def test_vector_masks_must_hold_zeros_and_ones_too(tmp_path):
+    weights = mlp_weights()
+    save_file(weights, tmp_path / "ckpt.safetensors")
+    mask = {k: torch.ones_like(w) for k, w in weights.items() if k != "out.weight"}
+    mask["fc1.bias"] = torch.full((48,), 0.5)
+    save_file(mask, tmp_path / "mask.safetensors")
+
+    with pytest.raises(UsageError, match=r"mask 'fc1\.bias' holds values other than 0 and 1"):
+        collect_masks(tmp_path / "ckpt.safetensors", mask=tmp_path / "mask.safetensors")
 
 
 def test_masks_holding_other_values_are_refused(tmp_path):
     weights = mlp_weights()
     save_file(weights, tmp_path / "ckpt.safetensors")
-    save_file({"fc1.weight": weights["fc1.weight"]}, tmp_path / "mask.safetensors")
+    mask = {"fc1.weight": weights["fc1.weight"], "fc2.weight": torch.ones(40, 48)}
+    save_file(mask, tmp_path / "mask.safetensors")
 
     with pytest.raises(UsageError, match="values other than 0 and 1"):
         collect_masks(tmp_path / "ckpt.safetensors", mask=tmp_path / "mask.safetensors")
@@ -259,6 +330,87 @@ def test_a_checkpoint_without_masks_asks_for_one(tmp_path):
         collect_masks(tmp_path / "ckpt.safetensors")
     with pytest.raises(UsageError, match="not both"):
         collect_masks(tmp_path / "ckpt.safetensors", mask=tmp_path / "m", keep=0.1)
+
+
+def resnet_like(path: Path) -> dict[str, torch.Tensor]:
+    """Weights named as torchvision's ResNet names them; sorted, ``fc`` precedes ``layer1``."""
+    weights = {
+        "conv1.weight": low_rank_weights(8, 27, 0).reshape(8, 3, 3, 3),
+        "layer1.0.conv1.weight": low_rank_weights(8, 72, 1).reshape(8, 8, 3, 3),
+        "fc.weight": low_rank_weights(10, 8, 2),
+        "fc.bias": torch.zeros(10),
+    }
+    if path.suffix == ".safetensors":
+        save_file(weights, path)
+    else:
+        torch.save(weights, path)
+    return weights
+
+
+def test_the_output_layer_is_found_by_name_in_sorted_files_and_by_order_in_pickles(tmp_path):
+    resnet_like(tmp_path / "resnet.safetensors")
+    torch.save(
+        {"features.0.weight": torch.randn(6, 4), "head.weight": torch.randn(3, 6)}
+        | {"readout.weight": torch.randn(2, 3)},
+        tmp_path / "ordered.pt",
+    )
+
+    sorted_keys = collect_masks(tmp_path / "resnet.safetensors", keep=0.5)
+    ordered = collect_masks(tmp_path / "ordered.pt", keep=0.5)
+    named = collect_masks(tmp_path / "resnet.safetensors", keep=0.5, output="conv1.weight")
+
+    assert sorted_keys.output_layer == "fc.weight"
+    assert list(sorted_keys.masks) == ["conv1.weight", "layer1.0.conv1.weight"]
+    assert ordered.output_layer == "readout.weight"
+    assert list(ordered.masks) == ["features.0.weight", "head.weight"]
+    assert list(named.masks) == ["fc.weight", "layer1.0.conv1.weight"]
+    with pytest.raises(UsageError, match=r"no matrix 'head\.weight' to take as the output layer"):
+        collect_masks(tmp_path / "resnet.safetensors", keep=0.5, output="head.weight")
+
+
+def test_a_single_matrix_is_pruned_only_when_asked(tmp_path):
+    save_file({"out.weight": low_rank_weights(6, 5, 0)}, tmp_path / "one.safetensors")
+
+    with pytest.raises(UsageError, match=r"only matrix, out\.weight, is the output layer"):
+        collect_masks(tmp_path / "one.safetensors", keep=0.5)
+    masked = collect_masks(tmp_path / "one.safetensors", keep=0.5, include_output=True)
+    assert list(masked.masks) == ["out.weight"] and masked.unmasked == []
+
+
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [
+        ({"scope": "layer"}, "--scope apply to --keep only"),
+        ({"include_output": True}, "--include-output apply to --keep only"),
+    ],
+)
+def test_options_that_would_change_nothing_are_refused(tmp_path, how, message):
+    save_file(mlp_weights(), tmp_path / "ckpt.safetensors")
+
+    with pytest.raises(UsageError, match=message):
+        collect_masks(tmp_path / "ckpt.safetensors", mask=tmp_path / "mask.safetensors", **how)
+
+
+def pruned_net(amount: float = 0.5) -> torch.nn.Sequential:
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+    prune.l1_unstructured(net[0], "weight", amount=amount)
+    return net
+
+
+def test_masks_given_take_the_place_of_prune_masks_with_a_warning(tmp_path, caplog):
+    torch.save(pruned_net().state_dict(), tmp_path / "pruned.pt")
+
+    with caplog.at_level("WARNING", logger="spectrum_cli.masks"):
+        masked = collect_masks(tmp_path / "pruned.pt", keep=0.25)
+
+    assert "carries torch.nn.utils.prune masks; they are ignored and --keep 0.25" in caplog.text
+    assert masked.source.startswith("magnitude") and list(masked.masks) == ["0.weight"]
+    assert int(masked.masks["0.weight"].sum()) == 12
+    with pytest.raises(UsageError, match="--output-layer applies to --mask and --keep"):
+        collect_masks(tmp_path / "pruned.pt", output="0.weight")
 
 
 # ---------------------------------------------------------------------------- over training
@@ -297,8 +449,62 @@ def test_agreement_over_training_from_a_store(runs, tmp_path):
             assert row.agreement == pytest.approx(1.0, abs=1e-5)
         else:
             assert row.agreement < 0.9
-    with pytest.raises(StoreError, match="no run 'sparse'"):
+    with pytest.raises(UsageError, match="no run 'sparse'"):
         compare_runs("dense", "sparse", store=tmp_path / "s.zarr")
+    with pytest.raises(UsageError, match=r"store .*missing\.zarr does not exist"):
+        compare_runs("dense", "masked", store=tmp_path / "missing.zarr")
+
+
+def test_pruned_checkpoints_are_analysed_as_their_masked_weights(tmp_path):
+    from spectrum_cli.analysis import analyze
+    from spectrum_cli.store import Store
+
+    net = pruned_net()
+    for name in ("dense", "pruned"):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+    for step in (0, 1):
+        dense = {k: v for k, v in net.state_dict().items() if not k.startswith("0.weight")}
+        torch.save(
+            dense | {"0.weight": net[0].weight_orig.detach()},
+            tmp_path / "runs" / "dense" / f"step_{step}.pt",
+        )
+        torch.save(net.state_dict(), tmp_path / "runs" / "pruned" / f"step_{step}.pt")
+
+    analyze(tmp_path / "runs", tmp_path / "s.zarr", top_k=3, workers=1)
+    store = Store.open(tmp_path / "s.zarr")
+    rows = compare_runs("dense", "pruned", store=tmp_path / "s.zarr")
+
+    assert store.layers("pruned") == ["0.weight", "2.weight"]
+    sigma = store.read("pruned", "0.weight", ("sigma",)).sigma
+    assert sigma is not None
+    expected = torch.linalg.svdvals(net[0].weight.detach().double()).numpy()
+    np.testing.assert_allclose(sigma[0], expected, rtol=1e-5)
+    assert {(row.layer, row.step) for row in rows} == {
+        (layer, step) for layer in ("0.weight", "2.weight") for step in (0, 1)
+    }
+    [score] = {row.agreement for row in rows if row.layer == "2.weight"}
+    assert score == pytest.approx(1.0, abs=1e-5) and score <= 1.0
+
+
+def test_layers_only_one_run_has_are_named_on_stderr(runs, tmp_path, capsys, monkeypatch):
+    from spectrum_cli.analysis import analyze
+
+    for path in (runs / "masked").iterdir():
+        weights = mlp_weights(seed=0)
+        weights["extra.weight"] = weights.pop("out.weight")
+        save_file(weights, path)
+    analyze(runs, tmp_path / "s.zarr", top_k=10, workers=1)
+
+    code, out, err = invoke(
+        ["masks", "--dense-run", "dense", "--masked-run", "masked", "-s", str(tmp_path / "s.zarr")],
+        capsys,
+        monkeypatch,
+    )
+
+    assert code == 0, err
+    err = " ".join(err.split())  # log lines wrap at the console's width
+    assert "only in 'dense': out.weight; only in 'masked': extra.weight" in err
+    assert "extra.weight" not in out
 
 
 def test_cli_analyses_runs_into_a_temporary_store(runs, capsys, monkeypatch):
@@ -382,7 +588,8 @@ def test_cli_table_and_csv(tmp_path, capsys, monkeypatch):
     ckpt = str(tmp_path / "ckpt.safetensors")
 
     code, out, _ = invoke(["masks", ckpt, "--keep", "0.1", "--scope", "layer"], capsys, monkeypatch)
-    assert code == 0 and "fc2.weight" in out and "out.weight" not in out
+    assert code == 0 and "│ fc2.weight" in out and "│ out.weight" not in out
+    assert "output layer out.weight left whole" in out
 
     code, out, _ = invoke(
         ["masks", ckpt, "--keep", "0.1", "--include-output", "--format", "csv"], capsys, monkeypatch
@@ -401,6 +608,11 @@ def test_cli_table_and_csv(tmp_path, capsys, monkeypatch):
         (["--dense-run", "a"], "give both --dense-run and --masked-run"),
         (["--dense-run", "a", "--masked-run", "b"], "apply to one checkpoint"),
         (["--store", "s.zarr", "--keep", "0.1"], "--store applies to"),
+        (["--keep", "1.5"], "--keep must be a fraction in (0, 1], got 1.5"),
+        (["--mask", "m.safetensors", "--scope", "layer"], "--scope apply to --keep only"),
+        (["--mask", "m.safetensors", "--include-output"], "--include-output apply to --keep"),
+        (["--dense-run", "a", "--masked-run", "b", "--seed", "1"], "--seed apply to one"),
+        (["--dense-run", "a", "--masked-run", "b", "--scope", "layer"], "--scope apply to one"),
     ],
 )
 def test_cli_usage_errors_are_one_red_line(tmp_path, capsys, monkeypatch, args, message):
@@ -413,6 +625,198 @@ def test_cli_usage_errors_are_one_red_line(tmp_path, capsys, monkeypatch, args, 
     assert code == 2
     assert out == ""
     assert message in err and "Traceback" not in err
+
+
+def test_cli_reads_a_mask_file_and_names_the_output_layer(tmp_path, capsys, monkeypatch):
+    weights = mlp_weights()
+    save_file(weights, tmp_path / "ckpt.safetensors")
+    mask = {k: magnitude_mask(weights[k], 100) for k in ("fc1.weight", "fc2.weight")}
+    save_file(mask, tmp_path / "mask.safetensors")
+    args = [
+        "masks",
+        str(tmp_path / "ckpt.safetensors"),
+        "--mask",
+        str(tmp_path / "mask.safetensors"),
+    ]
+
+    code, out, err = invoke([*args, "--format", "json"], capsys, monkeypatch)
+
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["masks"] == f"mask file {tmp_path / 'mask.safetensors'}"
+    assert result["output_layer"] == "out.weight" and result["unmasked"] == ["out.weight"]
+    assert [row["layer"] for row in result["layers"]] == ["fc1.weight", "fc2.weight"]
+    assert result["layers"][0]["density"] == pytest.approx(100 / (48 * 32))
+    assert err == ""
+
+
+def test_cli_mismatched_mask_exits_2_listing_the_differences(tmp_path, capsys, monkeypatch):
+    save_file(mlp_weights(), tmp_path / "ckpt.safetensors")
+    save_file({"fc1.weight": torch.ones(32, 48)}, tmp_path / "mask.safetensors")
+
+    code, out, err = invoke(
+        ["masks", str(tmp_path / "ckpt.safetensors"), "--mask", str(tmp_path / "mask.safetensors")],
+        capsys,
+        monkeypatch,
+    )
+
+    assert code == 2 and out == ""
+    assert "2 differences" in err and "weight shape (48, 32)" in err
+    assert "matrices without a mask: fc2.weight" in err and "Traceback" not in err
+
+
+def test_cli_reads_prune_pairs_and_warns_when_told_to_ignore_them(tmp_path, capsys, monkeypatch):
+    torch.save({"state_dict": pruned_net(amount=0.25).state_dict()}, tmp_path / "pruned.pt")
+
+    code, out, err = invoke(
+        ["masks", str(tmp_path / "pruned.pt"), "--format", "json"], capsys, monkeypatch
+    )
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["masks"] == "torch.nn.utils.prune masks in the checkpoint"
+    assert [(r["layer"], r["density"]) for r in result["layers"]] == [("0.weight", 0.75)]
+    assert result["output_layer"] == "2.weight" and err == ""
+
+    code, out, err = invoke(
+        ["masks", str(tmp_path / "pruned.pt"), "--keep", "0.5"], capsys, monkeypatch
+    )
+    assert code == 0 and "prune masks; they are ignored" in " ".join(err.split())
+
+
+def test_cli_seed_reproduces_and_changes_the_random_control(tmp_path, capsys, monkeypatch):
+    save_file(mlp_weights(), tmp_path / "ckpt.safetensors")
+    args = ["masks", str(tmp_path / "ckpt.safetensors"), "--keep", "0.1", "--format", "json"]
+
+    def control(*seed: str) -> list[tuple[float, float]]:
+        code, out, err = invoke([*args, *seed], capsys, monkeypatch)
+        assert code == 0, err
+        return [(r["random_agreement"], r["random_iou"]) for r in json.loads(out)["layers"]]
+
+    default, zero, again, other = (
+        control(),
+        control("--seed", "0"),
+        control("--seed", "7"),
+        control("--seed", "8"),
+    )
+
+    assert default == zero
+    assert again == control("--seed", "7")
+    assert again != other and again != zero
+
+
+def test_cli_empty_mask_shows_undefined_overlap(tmp_path, capsys, monkeypatch):
+    weights = mlp_weights()
+    save_file(weights, tmp_path / "ckpt.safetensors")
+    mask = {"fc1.weight": torch.zeros(48, 32), "fc2.weight": torch.ones(40, 48)}
+    save_file(mask, tmp_path / "mask.safetensors")
+    args = [
+        "masks",
+        str(tmp_path / "ckpt.safetensors"),
+        "--mask",
+        str(tmp_path / "mask.safetensors"),
+    ]
+
+    code, out, err = invoke([*args, "--format", "json"], capsys, monkeypatch)
+    assert code == 0, err
+    first, second = json.loads(out)["layers"]
+    assert first["iou"] is None and first["random_iou"] is None and first["agreement"] == 0.0
+    assert second["iou"][-1] == 1.0
+    assert "fc1.weight: the mask keeps nothing" in " ".join(err.split())
+
+    code, out, err = invoke(args, capsys, monkeypatch)
+    [row] = [line for line in out.splitlines() if "fc1.weight" in line]
+    assert row.count("—") == 2 and "1:" not in row
+
+
+def test_cli_warns_on_weights_stored_masked(tmp_path, capsys, monkeypatch):
+    weights = mlp_weights()
+    mask = {k: magnitude_mask(weights[k], 100) for k in ("fc1.weight", "fc2.weight")}
+    save_file(mask, tmp_path / "mask.safetensors")
+    save_file(
+        weights | {k: weights[k] * m for k, m in mask.items()}, tmp_path / "sparse.safetensors"
+    )
+
+    code, out, err = invoke(
+        [
+            "masks",
+            str(tmp_path / "sparse.safetensors"),
+            "--mask",
+            str(tmp_path / "mask.safetensors"),
+            "--format",
+            "json",
+        ],
+        capsys,
+        monkeypatch,
+    )
+
+    assert code == 0, err
+    assert all(row["agreement"] <= 1.0 for row in json.loads(out)["layers"])
+    err = " ".join(err.split())
+    assert "fc1.weight: W is already zero" in err and "fc2.weight: W is already zero" in err
+
+
+def test_cli_output_layer_by_name(tmp_path, capsys, monkeypatch):
+    resnet_like(tmp_path / "resnet.safetensors")
+    ckpt = str(tmp_path / "resnet.safetensors")
+
+    code, out, err = invoke(
+        ["masks", ckpt, "--keep", "0.2", "--format", "json"], capsys, monkeypatch
+    )
+    assert code == 0, err
+    assert json.loads(out)["output_layer"] == "fc.weight"
+
+    code, out, err = invoke(
+        ["masks", ckpt, "--keep", "0.2", "--output-layer", "conv1.weight"], capsys, monkeypatch
+    )
+    assert code == 0, err
+    assert "output layer conv1.weight left whole" in out and "│ fc.weight" in out
+
+    code, out, err = invoke(
+        ["masks", ckpt, "--keep", "0.2", "--output-layer", "nope"], capsys, monkeypatch
+    )
+    assert code == 2 and "no matrix 'nope'" in err
+
+
+def test_cli_bad_paths_and_run_names_exit_2(runs, tmp_path, capsys, monkeypatch):
+    from spectrum_cli.analysis import analyze
+
+    save_file(mlp_weights(), tmp_path / "ckpt.safetensors")
+    analyze(runs, tmp_path / "s.zarr", top_k=10, workers=1)
+    store = str(tmp_path / "s.zarr")
+    cases = [
+        (
+            ["masks", str(tmp_path / "ckpt.safetensors"), "--mask", str(tmp_path / "no.pt")],
+            "mask file",
+        ),
+        (
+            [
+                "masks",
+                "--dense-run",
+                "dense",
+                "--masked-run",
+                "masked",
+                "-s",
+                str(tmp_path / "no.zarr"),
+            ],
+            "no.zarr does not exist",
+        ),
+        (
+            ["masks", "--dense-run", "dense", "--masked-run", "sparse", "-s", store],
+            "no run 'sparse'",
+        ),
+    ]
+    for args, message in cases:
+        code, out, err = invoke(args, capsys, monkeypatch)
+        assert (code, out) == (2, ""), err
+        assert message in err and "Traceback" not in err
+
+
+def test_keep_help_and_check_agree(capsys, monkeypatch):
+    code, out, _ = invoke(["masks", "--help"], capsys, monkeypatch)
+
+    assert code == 0
+    assert "0 < FRACTION ≤ 1" in out and "0.0<=x<=1.0" not in out
+    assert "depends on W and the density" in " ".join(out.split())
 
 
 # ---------------------------------------------------------------------------- the paper's effect

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from spectrum_cli.errors import UsageError
-from spectrum_cli.matrices import output_layer
+from spectrum_cli.matrices import matrix_info, output_layer
 
 # Keys as a safetensors file stores them: sorted, so the head need not come last.
 RESNET = ["conv1.weight", "fc.weight", "layer1.0.conv1.weight", "layer4.1.conv2.weight"]
@@ -38,3 +39,10 @@ def test_a_named_output_layer_wins_and_must_exist():
     assert output_layer([], model_order=True) is None
     with pytest.raises(UsageError, match=r"no matrix 'head\.weight'.*0\.weight, 2\.weight"):
         output_layer(MLP, model_order=True, name="head.weight")
+
+
+def test_masks_are_never_matrices():
+    assert matrix_info("0.weight_mask", torch.ones(4, 3)) is None
+    assert matrix_info("causal_mask", torch.ones(4, 4)) is None
+    info = matrix_info("0.weight", torch.ones(4, 3, 2))
+    assert info is not None and info.shape == (4, 6)

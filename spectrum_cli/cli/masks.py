@@ -5,10 +5,17 @@ from __future__ import annotations
 from dataclasses import asdict
 from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from spectrum_cli.cli.output import Format, console, err_console, print_csv, print_json
+
+if TYPE_CHECKING:
+    from spectrum_cli.masks import LayerMaskReport, MaskedWeights
+
+# A value that is not defined, in tables.
+UNDEFINED = "—"
 
 
 class Scope(str, Enum):
@@ -26,15 +33,32 @@ def masks(
         None, "--mask", help="A file of 0/1 tensors keyed like the weights (safetensors or torch)."
     ),
     keep: float = typer.Option(
-        None, "--keep", min=0.0, max=1.0, help="Compute magnitude masks keeping this fraction."
+        None,
+        "--keep",
+        metavar="FRACTION",
+        help="Compute magnitude masks keeping this fraction of entries, 0 < FRACTION ≤ 1.",
     ),
     scope: Scope = typer.Option(
-        Scope.global_, "--scope", help="Magnitude threshold over all matrices, or per layer."
+        None,
+        "--scope",
+        show_default=False,
+        help="With --keep: one magnitude threshold over all matrices (global, the default), "
+        "or the same fraction in each layer.",
     ),
     include_output: bool = typer.Option(
-        False, "--include-output", help="Prune the output layer (the last matrix) too."
+        False, "--include-output", help="With --keep: prune the output layer too."
     ),
-    seed: int = typer.Option(0, "--seed", help="Seed of the random control masks."),
+    output_layer: str = typer.Option(
+        None,
+        "--output-layer",
+        metavar="NAME",
+        help="With --keep or --mask: the layer to take as the output layer, in place of the "
+        "guess (last matrix of a torch file; for safetensors, a classifier/fc/head/lm_head/"
+        "output/... module, else the last matrix).",
+    ),
+    seed: int = typer.Option(
+        None, "--seed", show_default=False, help="Seed of the random control masks (default 0)."
+    ),
     dense_run: str = typer.Option(
         None, "--dense-run", help="Over training: the dense run (a run name or directory)."
     ),
@@ -52,11 +76,15 @@ def masks(
 ) -> None:
     """Compare lottery-ticket masks with the top singular directions of the weights.
 
-    For one checkpoint: per masked matrix, the mask's density, the agreement score between W
-    and the masked M⊙W (mean of the first 10 diagonal entries of |(u_i·u'_i)(v_i·v'_i)|), the
-    same for a random mask of equal density, and the IoU between the magnitude mask of W and
-    that of its rank-k approximation for k = 1, 2, 4, …, r. Masks come from --mask, from
-    torch.nn.utils.prune pairs in the checkpoint, or from --keep.
+    For one checkpoint, per masked matrix: the mask's density; "agreement", the agreement
+    score between W and the masked M⊙W (mean of the first 10 diagonal entries of
+    |(u_i·u'_i)(v_i·v'_i)|, in [0, 1]); "random", the same for a seeded random mask of equal
+    density; "IoU by rank k", the overlap between the magnitude mask of W and the magnitude
+    mask of its rank-k approximation at the same density, for k = 1, 2, 4, …, r: it depends on
+    W and the density, not on which entries the given mask keeps; "random IoU", the overlap of
+    the random mask with the magnitude mask of W. Masks come from --mask, from
+    torch.nn.utils.prune pairs in the checkpoint, or from --keep; the output layer is left
+    whole unless --include-output.
 
     Over training (--dense-run and --masked-run): the agreement score between the two runs'
     top singular vectors at each step both have, from --store or from a temporary analysis.
@@ -73,7 +101,10 @@ def masks(
                 ("CHECKPOINT", checkpoint),
                 ("--mask", mask),
                 ("--keep", keep),
+                ("--scope", scope),
                 ("--include-output", include_output or None),
+                ("--output-layer", output_layer),
+                ("--seed", seed),
             )
             if value is not None
         ]
@@ -87,15 +118,26 @@ def masks(
         raise UsageError("--store applies to --dense-run and --masked-run")
     if not checkpoint.exists():
         raise UsageError(f"{checkpoint} does not exist; pass a checkpoint file or directory")
-    _one_checkpoint(checkpoint, mask, keep, scope.value, include_output, seed, output, plot)
+    _one_checkpoint(
+        checkpoint,
+        mask,
+        keep,
+        None if scope is None else scope.value,
+        include_output,
+        output_layer,
+        0 if seed is None else seed,
+        output,
+        plot,
+    )
 
 
 def _one_checkpoint(
     checkpoint: Path,
     mask: Path | None,
     keep: float | None,
-    scope: str,
+    scope: str | None,
     include_output: bool,
+    output_layer: str | None,
     seed: int,
     output: Format,
     plot: Path | None,
@@ -103,7 +145,12 @@ def _one_checkpoint(
     from spectrum_cli.masks import collect_masks, compare_masks
 
     masked = collect_masks(
-        checkpoint, mask=mask, keep=keep, scope=scope, include_output=include_output
+        checkpoint,
+        mask=mask,
+        keep=keep,
+        scope=scope,
+        include_output=include_output,
+        output=output_layer,
     )
     reports = compare_masks(masked, seed=seed)
     if plot is not None:
@@ -117,6 +164,8 @@ def _one_checkpoint(
             {
                 "checkpoint": str(checkpoint),
                 "masks": masked.source,
+                "output_layer": masked.output_layer,
+                "unmasked": masked.unmasked,
                 "seed": seed,
                 "layers": [asdict(report) for report in reports],
             }
@@ -136,21 +185,25 @@ def _one_checkpoint(
                     "iou": iou,
                 }
                 for r in reports
-                for k, iou in zip(r.ranks, r.iou, strict=True)
+                for k, iou in zip(r.ranks, _per_rank(r), strict=True)
             ]
         )
         return
 
     from rich.table import Table
 
-    table = Table(title=f"{checkpoint}: {masked.source}; random control seed {seed}")
+    table = Table(title=f"{checkpoint}: {masked.source}; {_left_whole(masked)}; seed {seed}")
     columns = ("layer", "matrix", "density", "agreement", "random", "IoU by rank k", "random IoU")
     for column in columns:
         table.add_column(
             column, justify="left" if column in ("layer", "IoU by rank k") else "right"
         )
     for r in reports:
-        curve = " ".join(f"{k}:{iou:.2f}" for k, iou in zip(r.ranks, r.iou, strict=True))
+        curve = (
+            " ".join(f"{k}:{iou:.2f}" for k, iou in zip(r.ranks, r.iou, strict=True))
+            if r.iou is not None
+            else UNDEFINED
+        )
         table.add_row(
             r.layer,
             "x".join(map(str, r.matrix_shape)),
@@ -158,9 +211,28 @@ def _one_checkpoint(
             f"{r.agreement:.3f}",
             f"{r.random_agreement:.3f}",
             curve,
-            f"{r.random_iou:.3f}",
+            UNDEFINED if r.random_iou is None else f"{r.random_iou:.3f}",
         )
     console.print(table)
+
+
+def _per_rank(report: LayerMaskReport) -> list[float | None]:
+    """The IoU at each rank, None at every rank where it is undefined."""
+    return list(report.iou) if report.iou is not None else [None] * len(report.ranks)
+
+
+def _left_whole(masked: MaskedWeights) -> str:
+    """Which matrices the masks leave whole, the output layer first, in words."""
+    out = masked.output_layer
+    words = []
+    if out is not None:
+        words.append(
+            f"output layer {out} " + ("left whole" if out in masked.unmasked else "masked")
+        )
+    others = [layer for layer in masked.unmasked if layer != out]
+    if others:
+        words.append(f"also left whole: {', '.join(others)}")
+    return "; ".join(words) or "every matrix masked"
 
 
 def _over_training(
