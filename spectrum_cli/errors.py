@@ -3,6 +3,8 @@
 Each message says what failed and where (path, run, step, layer), what was expected and what
 was found, and one way to fix it. Only the command line catches them: it prints one red line
 on stderr and exits with the error's exit code, without a traceback unless ``--verbose``.
+Exit 2 says the command stopped on input it cannot use as given (a flag, a path, a store);
+exit 1 says some of the work failed.
 """
 
 from __future__ import annotations
@@ -25,7 +27,13 @@ class CheckpointError(SpectrumError):
 
 
 class StoreError(SpectrumError):
-    """A spectra store is missing, of another format, locked, or inconsistent."""
+    """A spectra store is missing, of another format, locked, or inconsistent.
+
+    The store the user named cannot be used as given: the command stops before it measures
+    anything, as for a usage error.
+    """
+
+    exit_code = 2
 
 
 class EvaluationError(SpectrumError):

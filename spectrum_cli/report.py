@@ -191,7 +191,7 @@ def _provenance(store: Any, selection: Sequence[Any], metrics: Path | None) -> s
             "<li><b>Alignment</b>: A<sub>jk</sub> = |u<sub>j</sub>(W<sub>ℓ</sub>) · "
             "v<sub>k</sub>(W<sub>ℓ+1</sub>)| for consecutive matrices whose sizes connect; "
             "for a convolution after a convolution, the later kernel's right vectors are cut to "
-            "the centre kernel position and rescaled to unit length. Score as above.</li>",
+            "the centre kernel position, without rescaling. Score as above.</li>",
             "</ul>",
         ]
     )

@@ -125,9 +125,13 @@ class Store:
         """Open an existing store for reading; StoreError if it is missing or not format 1."""
         path = Path(path)
         if not (path / "zarr.json").is_file():
-            hint = "run `spectrum analyze CHECKPOINTS --store PATH` first"
-            what = "is not a Zarr store" if path.exists() else "does not exist"
-            raise StoreError(f"{path} {what}; {hint}")
+            if not path.exists():
+                raise StoreError(
+                    f"{path} does not exist; run `spectrum analyze CHECKPOINTS --store PATH` first"
+                )
+            raise StoreError(
+                f"{path} is {_what_is_there(path)}; pass the store `spectrum analyze` wrote"
+            )
         root = _open_root(path, mode="r")
         _check_format(path, dict(root.attrs))
         return cls(path, root, writable=False)
@@ -183,7 +187,7 @@ class Store:
                 _remove_partial_files(path)
             elif path.exists() and any(not _PARTIAL.search(p.name) for p in path.iterdir()):
                 raise StoreError(
-                    f"{path} exists and is not a spectra store; pass another --store or remove it"
+                    f"{path} is {_what_is_there(path)}; pass another --store or remove it"
                 )
             else:
                 # One document: a store killed while being created is empty or complete
@@ -516,6 +520,15 @@ def _open_root(path: Path, mode: Literal["r", "r+", "a", "w", "w-"]) -> Any:
             f"cannot read {path / 'zarr.json'} as a Zarr group: {_brief(error)}; pass the store "
             "that `spectrum analyze` wrote, or re-run it into a new --store"
         ) from None
+
+
+def _what_is_there(path: Path) -> str:
+    """What a path that is not a spectra store holds, in words that end "not a spectra store"."""
+    if not path.is_dir():
+        return "a file, not a spectra store"
+    if any((path / name).is_file() for name in (".zgroup", ".zarray", ".zattrs")):
+        return "a Zarr v2 store, not a spectra store (a Zarr v3 folder)"
+    return "a folder that is not a spectra store (it has no zarr.json)"
 
 
 def _brief(error: BaseException) -> str:

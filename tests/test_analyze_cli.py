@@ -80,7 +80,7 @@ def test_top_k_defaults_to_32_and_is_kept(spectrum, make_run, tmp_path):
     assert Store.open(tmp_path / "d.zarr").top_k == 32
     assert Store.open(tmp_path / "k.zarr").read("a", "fc.weight", ("u",)).u.shape == (1, 40, 5)
     code, _, err = spectrum("analyze", root, "--store", tmp_path / "k.zarr")
-    assert code == 1
+    assert code == 2
     assert err.strip().endswith(
         "keeps the top 5 singular vectors, not 32; pass --top-k 5 or another --store"
     )
@@ -192,7 +192,7 @@ def test_ls_lists_runs_steps_layers_shapes_and_status(spectrum, make_run, tmp_pa
 def test_ls_of_a_missing_store_is_one_line(spectrum, tmp_path):
     code, out, err = spectrum("ls", tmp_path / "missing.zarr")
 
-    assert code == 1 and out == ""
+    assert code == 2 and out == ""
     (line,) = err.splitlines()
     assert line.startswith("error: ") and "does not exist; run `spectrum analyze" in line
 

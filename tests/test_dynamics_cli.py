@@ -345,8 +345,29 @@ def test_a_store_of_another_format_is_refused(known_store, tmp_path):
     for command in ("rank", "stability", "align", "report"):
         _, _, error = invoke(command, known_store)
         assert isinstance(error, StoreError) and "format 2" in str(error)
-    done = run_spectrum("rank", tmp_path / "missing.zarr")
-    assert done.returncode == 1 and "does not exist" in done.stderr
+        assert error.exit_code == 2
+
+
+def test_a_store_that_cannot_be_used_exits_two_in_one_line(tmp_path):
+    import zarr
+
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "a.txt").write_text("mine")
+    zarr.open_group(tmp_path / "v2.zarr", mode="w", zarr_format=2)
+    damaged = tmp_path / "damaged.zarr"
+    damaged.mkdir()
+    (damaged / "zarr.json").write_text('{"zarr_format": 3, "node_')
+    for store, message in [
+        (tmp_path / "missing.zarr", "does not exist"),
+        (folder, "not a spectra store"),
+        (tmp_path / "v2.zarr", "is a Zarr v2 store, not a spectra store"),
+        (damaged, "cannot read"),
+    ]:
+        done = run_spectrum("rank", store)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.startswith("error: ") and message in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1 and done.stdout == ""
 
 
 # ---------------------------------------------------------------------------- training metrics

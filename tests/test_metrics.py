@@ -220,20 +220,29 @@ def test_connected_pairs_follow_tensor_order():
     ]
 
 
-def test_kernel_centre_vectors_pick_the_centre_and_renormalise():
-    rng = np.random.default_rng(7)
-    c_in, kh, kw, k = 5, 3, 3, 2
-    grid = rng.standard_normal((c_in, kh, kw, k))  # (in, kh, kw, k)
-    centre = grid[:, 1, 1, :]  # (in, k)
-    v = grid.reshape(c_in * kh * kw, k)  # as a kernel (out, in, kh, kw) flattens
-    cut = kernel_centre_vectors(v, (7, c_in, kh, kw))
-    np.testing.assert_allclose(cut, centre / np.linalg.norm(centre, axis=0), atol=1e-12)
-    assert kernel_centre_vectors(np.stack([v, v]), (7, c_in, kh, kw)).shape == (2, c_in, k)
+def test_kernel_centre_vectors_pick_the_centre_without_rescaling():
+    # One right vector of a kernel (out, 2, 3, 3), as (in, kh, kw): 0.48 and 0.36 at the centre
+    # of channels 0 and 1, and 0.8 at a corner of channel 1, so |v| = 1 while the centre slice
+    # (0.48, 0.36) has length sqrt(0.2304 + 0.1296) = 0.6.
+    kernel = np.zeros((2, 3, 3))
+    kernel[0, 1, 1], kernel[1, 1, 1], kernel[1, 0, 0] = 0.48, 0.36, 0.8
+    v = kernel.reshape(18, 1)  # as a kernel (out, in, kh, kw) flattens: (in·kh·kw, k)
+    assert np.linalg.norm(v) == pytest.approx(1.0)
 
-    # A zero centre stays zero rather than dividing by zero.
-    grid[:, 1, 1, 0] = 0
-    cut = kernel_centre_vectors(grid.reshape(-1, k), (7, c_in, kh, kw))
-    assert np.all(cut[:, 0] == 0)
+    cut = kernel_centre_vectors(v, (4, 2, 3, 3))
+    np.testing.assert_allclose(cut, [[0.48], [0.36]], atol=1e-15)
+    assert np.linalg.norm(cut) == pytest.approx(0.6)
+
+    # Against the earlier layer's unit direction (0.8, 0.6): A = 0.8·0.48 + 0.6·0.36 = 0.6,
+    # where rescaling the cut to unit length would have given 1.
+    u = np.array([[0.8], [0.6]])
+    assert alignment_diagonal(u, cut) == pytest.approx([0.6])
+
+    # Leading (step) axes pass through; every kernel axis is cut at index k // 2.
+    rng = np.random.default_rng(7)
+    grid = rng.standard_normal((3, 5, 3, 2))  # (steps, in, kw, k) of a 1-D kernel
+    cut = kernel_centre_vectors(grid.reshape(3, 15, 2), (7, 5, 3))
+    np.testing.assert_array_equal(cut, grid[:, :, 1, :])
 
 
 def test_alignment_of_a_chain_whose_vectors_line_up():

@@ -122,6 +122,28 @@ def test_refuses_foreign_folders_formats_and_top_k(tmp_path):
         Store.open(path)
 
 
+def test_a_zarr_v2_store_is_named_as_such(tmp_path):
+    import zarr
+
+    path = tmp_path / "old.zarr"
+    zarr.open_group(path, mode="w", zarr_format=2).attrs["spectrum_format"] = 1
+    with pytest.raises(StoreError, match="is a Zarr v2 store, not a spectra store"):
+        Store.open(path)
+    with (
+        pytest.raises(StoreError, match="is a Zarr v2 store, not a spectra store"),
+        Store.writing(path, top_k=2),
+    ):
+        pass
+    assert not (path / "zarr.json").exists()
+
+
+def test_a_store_that_cannot_be_used_stops_with_exit_code_two(tmp_path):
+    # Exit 1 is kept for work done with failures; a store unusable as given is bad input.
+    with pytest.raises(StoreError) as raised:
+        Store.open(tmp_path / "missing.zarr")
+    assert raised.value.exit_code == 2
+
+
 def test_second_writer_stops_with_a_clear_message(tmp_path):
     path = tmp_path / "s.zarr"
     with (

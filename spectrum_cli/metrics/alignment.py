@@ -13,8 +13,9 @@ Which pairs connect is read from the shapes, in the checkpoint's own tensor orde
 - *dense*: W_ℓ₊₁ takes as many inputs as W_ℓ gives outputs, n_ℓ₊₁ = m_ℓ;
 - *convolution*: both are kernels (out, in, k…) of one dimensionality and in_ℓ₊₁ = out_ℓ.
   The next kernel's right vectors, of length in·k…, are reshaped to (in, k…) and the centre
-  kernel position (index k // 2 along each kernel axis) is kept, as in the paper; each such
-  sub-vector is then rescaled to unit length, so that A stays a cosine in [0, 1].
+  kernel position (index k // 2 along each kernel axis) is kept, as in the paper's code, and
+  not rescaled: the cut vector is shorter than 1 by whatever weight the kernel's other
+  positions carry, so A stays in [0, 1] and is smaller the less the centre matters.
 
 Anything else (a convolution flattened into a dense layer, say) does not connect by size and
 is skipped; a pair can still be named explicitly when its sizes connect.
@@ -98,7 +99,7 @@ def connected_pairs(
 
 
 def kernel_centre_vectors(v: np.ndarray, tensor_shape: Sequence[int]) -> np.ndarray:
-    """Right singular vectors of a kernel, cut to the centre kernel position, unit length.
+    """Right singular vectors of a kernel, cut to the centre kernel position (not rescaled).
 
     Parameters
     ----------
@@ -110,16 +111,14 @@ def kernel_centre_vectors(v: np.ndarray, tensor_shape: Sequence[int]) -> np.ndar
     Returns
     -------
     numpy.ndarray
-        ``(..., in, k)`` float64; a sub-vector that is zero at the centre stays zero.
+        ``(..., in, k)`` float64: entry (c, j) is v_j at channel c and the centre position.
     """
     channels, kernel = int(tensor_shape[1]), tuple(int(s) for s in tensor_shape[2:])
     lead, count = v.shape[:-2], v.shape[-1]
     grid = np.asarray(v, dtype=np.float64).reshape(*lead, channels, *kernel, count)
     # (..., in·k…, k) → (..., in, k…, k); keep the centre of every kernel axis → (..., in, k).
     centre: tuple[Any, ...] = (Ellipsis, slice(None), *(size // 2 for size in kernel), slice(None))
-    cut = grid[centre]
-    norm = np.linalg.norm(cut, axis=-2, keepdims=True)
-    return np.divide(cut, norm, out=np.zeros_like(cut), where=norm > 0)
+    return grid[centre]
 
 
 def alignment_matrix(u_prev: np.ndarray, v_next: np.ndarray, n: int | None = None) -> np.ndarray:
