@@ -57,6 +57,18 @@ _NOT_MODEL = re.compile(r"optim|rng|scheduler|scaler|training_args", re.IGNORECA
 _MASK_FILE = re.compile(r"(?<![a-z])masks?(?![a-z])", re.IGNORECASE)
 _LIGHTNING_LAST = re.compile(r"^last(?:-v\d+)?$")
 _STEP_WORD = re.compile(r"(?<![a-z])(?:global_?)?steps?[-_=]?(\d+)", re.IGNORECASE)
+# Words after which a number counts training progress (``checkpoint-500``, ``iter_400``).
+_COUNTER_WORD = re.compile(
+    r"(?<![a-z])(?:checkpoint|ckpt|iter|iteration|epoch|model|weights)s?(?![a-z])", re.IGNORECASE
+)
+# A number that follows a counter word, or stands alone between separators: not ``resnet50``.
+_COUNT = re.compile(
+    r"(?:(?<![a-z])(?:checkpoint|ckpt|iter|iteration|epoch|model|weights)s?[-_=]?|"
+    r"(?<![a-z0-9]))(\d+)(?![a-z0-9])",
+    re.IGNORECASE,
+)
+# A minus sign before a number, after a separator or at the start: ``step_-5``, ``-5``.
+_NEGATIVE = re.compile(r"(?:^|[^a-z0-9])-\d", re.IGNORECASE)
 _DTYPE_WORD = re.compile(r"(?<![a-z0-9])(?:fp|bf|float|u?int)\d+(?![0-9])", re.IGNORECASE)
 _CHECKPOINT_DIR = re.compile(r"(?:checkpoint|ckpt|step|iter|epoch)[-_=]?\d+", re.IGNORECASE)
 _CONTAINER_KEYS = (
@@ -105,8 +117,13 @@ def step_from_name(name: str) -> int | None:
     """Read a training step from a file or directory name.
 
     An explicit ``step`` token wins (``epoch=3-step=900`` gives 900, ``global_step1200`` gives
-    1200); otherwise the last integer in the name counts (``ckpt_epoch_7``, ``iter_000400``).
-    Dtype words such as ``fp16`` are not steps.
+    1200). Otherwise a name with a counter word (``checkpoint``, ``ckpt``, ``iter``,
+    ``iteration``, ``epoch``, ``model``, ``weights``) gives its last number that follows such a
+    word or stands alone between separators (``ckpt_epoch_7`` gives 7, ``checkpoint_3_500``
+    gives 500), and a name of digits and separators alone gives its last number (``000400``).
+    Other names give none, so that a number in a model's name is no step (``resnet50``,
+    ``llama-3-8b``), and neither does a name with a negative number (``step_-5``). Dtype words
+    such as ``fp16`` are not numbers here.
 
     Parameters
     ----------
@@ -116,15 +133,20 @@ def step_from_name(name: str) -> int | None:
     Returns
     -------
     int or None
-        The step, or None when the name holds no number.
+        The step, or None when the name gives none by these rules.
     """
     stem = name[: -len(Path(name).suffix)] if name.endswith(WEIGHT_SUFFIXES) else name
-    stem = _DTYPE_WORD.sub("", stem)
+    if _NEGATIVE.search(stem):
+        return None
+    stem = _DTYPE_WORD.sub("_", stem)
     explicit = _STEP_WORD.findall(stem)
     if explicit:
         return int(explicit[-1])
-    numbers = re.findall(r"\d+", stem)
-    return int(numbers[-1]) if numbers else None
+    bare = not re.search(r"[^\W\d_]", stem)  # no letters left
+    counts = _COUNT.findall(stem)
+    if counts and (bare or _COUNTER_WORD.search(stem)):
+        return int(counts[-1])
+    return None
 
 
 def normalise_name(key: str) -> str:
@@ -221,9 +243,17 @@ def _listing(directory: Path, notes: list[str]) -> list[str]:
 
 def _is_model_file(path: Path, root: Path, notes: list[str]) -> bool:
     """Whether a file holds a model's weights; weights-like files that do not get a note."""
-    if not path.name.endswith(WEIGHT_SUFFIXES) or not path.is_file():
+    if not path.name.endswith(WEIGHT_SUFFIXES):
         return False
     where = path.relative_to(root).as_posix()
+    if not path.is_file():
+        # Never opened: reading a FIFO would wait for a writer that may never come.
+        if path.is_symlink() and not path.exists():
+            what = f"a broken symbolic link (to {os.readlink(path)})"
+        else:
+            what = "not a regular file (a FIFO, socket or device)"
+        notes.append(f"skipped {where}: {what}; point it at a checkpoint or remove it")
+        return False
     if _NOT_MODEL.search(path.stem):
         notes.append(f"skipped {where}: optimizer, scheduler, scaler or RNG state, not weights")
         return False
@@ -305,8 +335,9 @@ def _checkpoint(
         step = default_step
     suffix = named.suffix if named.is_file() else ""
     if step is None:
+        named_as = "a negative step" if _NEGATIVE.search(named.name) else "no step"
         notes.append(
-            f"skipped {where}: no step in its name or metadata; "
+            f"skipped {where}: {named_as} in its name and none in its metadata; "
             f"rename it with its step, e.g. step_100{suffix}"
         )
         return None
@@ -679,6 +710,11 @@ def _natural_key(key: str) -> list[tuple[int, int, str]]:
 def _pickled(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """The weights of a ``torch.save`` file, unwrapped from their container."""
     loaded = _read_pickle(file)
+    if _is_optimizer_state(loaded):
+        raise CheckpointError(
+            f"{file} holds an optimizer's state, not model weights; pass the file the model "
+            "was saved to, or move this one out of the run's folder"
+        )
     lightning = isinstance(loaded, Mapping) and "state_dict" in loaded
     lightning = lightning and ("pytorch-lightning_version" in loaded or "global_step" in loaded)
     try:
@@ -710,6 +746,10 @@ def _read_pickle(file: Path) -> Any:
         return torch.load(file, map_location="cpu", weights_only=True, mmap=zipped)
 
     def load_inert() -> Any:
+        # TODO(torch>=2.5 required): older PyTorch has no safe_globals, so there a pickle that
+        # names a class outside the weights-only allowlist is refused rather than read inertly.
+        if not hasattr(torch.serialization, "safe_globals"):
+            return load()
         # Zip files list their globals up front; a legacy file names one per refusal.
         unknown: set[str] = set()
         while True:
@@ -745,7 +785,8 @@ def _unknown_globals(file: Path, error: Exception, zipped: bool) -> list[str]:
     import torch
 
     if zipped:
-        return list(torch.serialization.get_unsafe_globals_in_checkpoint(file))
+        listed = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+        return list(listed(file)) if listed is not None else []
     named = re.search(r"GLOBAL (\S+) was not an allowed global", str(error))
     if named is None:
         return []
@@ -756,7 +797,8 @@ def _unknown_globals(file: Path, error: Exception, zipped: bool) -> list[str]:
 def _describe_load_failure(file: Path, error: Exception) -> str:
     """One line on why a pickle did not load, without PyTorch's advice to trust the file."""
     text = str(error)
-    named = re.search(r"GLOBAL (\S+)", text)
+    # PyTorch names the global as "GLOBAL os.system", or before 2.4 as "Unsupported class …".
+    named = re.search(r"(?:GLOBAL|Unsupported class) (\S+)", text)
     if named and "is blocked" in text:
         return f"refused {file}: unpickling it would call {named.group(1)}"
     if named:
@@ -811,7 +853,7 @@ def _model_state(loaded: Any, depth: int = 0) -> Mapping[str, Any]:
         raise _TooDeep
     if isinstance(loaded, _StandIn):
         return _module_state(loaded, depth)
-    if not isinstance(loaded, Mapping):
+    if not isinstance(loaded, Mapping) or _is_optimizer_state(loaded):
         return {}
     if all(isinstance(value, torch.Tensor) for value in loaded.values()):
         return loaded
@@ -843,7 +885,10 @@ def _module_state(module: _StandIn, depth: int = 0) -> dict[str, Any]:
 def _flatten(
     state: Mapping[str, Any], prefix: str, depth: int = 0
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Tensors of a possibly nested state dict, keys joined with dots; other values dropped."""
+    """Tensors of a possibly nested state dict, keys joined with dots; other values dropped.
+
+    Optimizer state is dropped whatever its key (``g_opt``, ``adam``): see `_is_optimizer_state`.
+    """
     import torch
 
     if depth > _MAX_DEPTH:
@@ -851,8 +896,25 @@ def _flatten(
     for key, value in state.items():
         if isinstance(value, torch.Tensor):
             yield f"{prefix}{key}", value
-        elif isinstance(value, Mapping):
+        elif isinstance(value, Mapping) and not _is_optimizer_state(value):
             yield from _flatten(value, prefix=f"{prefix}{key}.", depth=depth + 1)
+
+
+def _is_optimizer_state(value: Any) -> bool:
+    """Whether a value has the shape of ``torch.optim.Optimizer.state_dict()``.
+
+    That is ``{"state": {0: {...}, 1: {...}}, "param_groups": [{...}, ...]}``: per-parameter
+    state under integer keys, which no model's state dict has.
+    """
+    if not isinstance(value, Mapping):
+        return False
+    state, groups = value.get("state"), value.get("param_groups")
+    return (
+        isinstance(state, Mapping)
+        and all(type(key) is int for key in state)
+        and isinstance(groups, (list, tuple))
+        and all(isinstance(group, Mapping) for group in groups)
+    )
 
 
 def _unique_names(keys: list[str], lightning: bool, file: Path) -> list[str]:

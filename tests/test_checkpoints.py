@@ -255,12 +255,51 @@ def test_step_from_metadata_when_name_has_none(tmp_path: Path, make: Callable) -
         ("global_step1200", 1200),
         ("model_fp16_step_5.safetensors", 5),
         ("bf16-00012.pt", 12),
+        ("000400.safetensors", 400),
+        ("checkpoint_3_500.pt", 500),
+        ("epoch=3-v1.ckpt", 3),
+        ("resnet50_epoch_3.pt", 3),
         ("final.pt", None),
         ("model.safetensors", None),
+        # A number in a model's name is no step, nor is a negative one.
+        ("resnet50.pt", None),
+        ("gpt2-medium.safetensors", None),
+        ("llama-3-8b.safetensors", None),
+        ("model_v2.pt", None),
+        ("step_-5.safetensors", None),
+        ("step=-5.ckpt", None),
+        ("-5.pt", None),
     ],
 )
 def test_step_from_name(name: str, step: int | None) -> None:
     assert step_from_name(name) == step
+
+
+def test_names_without_a_step_are_skipped_with_the_reason(tmp_path: Path) -> None:
+    for name in ("resnet50.pt", "step_-5.safetensors", "step_3.pt"):
+        _touch_weights(tmp_path / "run" / name)
+
+    found = discover(tmp_path)
+
+    assert [c.path.name for c in found.checkpoints] == ["step_3.pt"]
+    notes = "\n".join(found.notes)
+    assert "skipped resnet50.pt in run run: no step in its name and none in its metadata" in notes
+    assert "skipped step_-5.safetensors in run run: a negative step in its name" in notes
+    assert "rename it with its step, e.g. step_100.safetensors" in notes
+
+
+def test_a_broken_link_or_a_fifo_named_as_a_checkpoint_gets_a_note(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    _touch_weights(run / "step_1.pt")
+    (run / "step_3.pt").symlink_to(tmp_path / "gone.pt")
+    os.mkfifo(run / "step_5.pt")  # opening it would wait for a writer: it must never be opened
+
+    found = discover(tmp_path)
+
+    assert [c.step for c in found.checkpoints] == [1]
+    notes = "\n".join(found.notes)
+    assert f"skipped run/step_3.pt: a broken symbolic link (to {tmp_path / 'gone.pt'})" in notes
+    assert "skipped run/step_5.pt: not a regular file (a FIFO, socket or device)" in notes
 
 
 @given(
@@ -354,6 +393,41 @@ def test_load_unwraps_containers_and_prefixes(tmp_path: Path, wrap: Callable) ->
 
     assert [name for name, _ in loaded] == list(_weights())
     _assert_same(loaded, _weights())
+
+
+def _adam_state() -> dict:
+    """The state of an Adam optimizer that has taken one step: moments per parameter."""
+    model = torch.nn.Linear(3, 4)
+    adam = torch.optim.Adam(model.parameters())
+    model(torch.ones(2, 3)).sum().backward()
+    adam.step()
+    return adam.state_dict()
+
+
+@pytest.mark.parametrize(
+    ("wrap", "prefix"),
+    [
+        (lambda w, opt: {"generator": w, "g_opt": opt}, "generator."),
+        (lambda w, opt: {**w, "adam": opt}, ""),
+        (lambda w, opt: {"weights": w, "extras": {"inner": opt, "lr": 0.1}}, "weights."),
+    ],
+    ids=["gan", "beside-the-weights", "nested"],
+)
+def test_optimizer_state_under_any_key_is_not_decomposed(
+    tmp_path: Path, wrap: Callable, prefix: str
+) -> None:
+    torch.save(wrap(_weights(), _adam_state()), tmp_path / "gan_step_1.pt")
+
+    loaded = list(load_tensors(tmp_path / "gan_step_1.pt"))
+
+    assert [name for name, _ in loaded] == [prefix + key for key in _weights()]
+
+
+def test_a_file_of_optimizer_state_alone_says_so(tmp_path: Path) -> None:
+    torch.save(_adam_state(), tmp_path / "step_1.pt")
+
+    with pytest.raises(CheckpointError, match="holds an optimizer's state, not model weights"):
+        list(load_tensors(tmp_path / "step_1.pt"))
 
 
 def test_nested_state_dicts_are_flattened(tmp_path: Path) -> None:
@@ -495,6 +569,46 @@ def test_lightning_hyper_parameters_holding_a_module_are_inert(tmp_path: Path) -
     _assert_same(list(load_tensors(tmp_path / "epoch=0-step=7.ckpt")), _weights())
 
 
+@pytest.mark.parametrize("zipped", [True, False], ids=["zip", "legacy"])
+def test_files_saved_from_cuda_tensors_load_on_the_cpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, zipped: bool
+) -> None:
+    # torch.save records where each storage lived; a CUDA tensor's storage says "cuda:0".
+    path = tmp_path / "step_1.pt"
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save(_weights(), path, _use_new_zipfile_serialization=zipped)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(path, weights_only=True)
+
+    loaded = list(load_tensors(path))
+
+    assert all(tensor.device.type == "cpu" for _, tensor in loaded)
+    _assert_same(loaded, _weights())
+
+
+@pytest.mark.parametrize(
+    "missing",
+    [["safe_globals", "get_unsafe_globals_in_checkpoint"], ["get_unsafe_globals_in_checkpoint"]],
+)
+def test_without_torchs_inert_loading_weights_still_load_and_the_rest_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, missing: list[str]
+) -> None:
+    # PyTorch before 2.5 has neither safe_globals nor get_unsafe_globals_in_checkpoint.
+    for name in missing:
+        monkeypatch.delattr(torch.serialization, name)
+    torch.save(_weights(), tmp_path / "step_1.pt")
+    torch.save(_weights(), tmp_path / "step_2.pt", _use_new_zipfile_serialization=False)
+    lightning = {"state_dict": _weights(), "hyper_parameters": {"loss": torch.nn.MSELoss()}}
+    torch.save(lightning, tmp_path / "step_3.ckpt")
+
+    for name in ("step_1.pt", "step_2.pt"):
+        _assert_same(list(load_tensors(tmp_path / name)), _weights())
+    with pytest.raises(CheckpointError, match=r"without running code: it names torch\.nn\."):
+        list(load_tensors(tmp_path / "step_3.ckpt"))
+
+
 class _Payload:
     """Pickles as a call to ``function(argument)``: what a hostile checkpoint would run."""
 
@@ -563,6 +677,15 @@ def _missing_shard(path: Path) -> Path:
     return path / "run" / "checkpoint-10"
 
 
+def _index_names_an_absent_tensor(path: Path) -> Path:
+    checkpoint = path / "run" / "checkpoint-10"
+    _hf_sharded(path)
+    index = json.loads((checkpoint / "model.safetensors.index.json").read_text())
+    index["weight_map"]["fc3.weight"] = "model-00002-of-00002.safetensors"
+    (checkpoint / "model.safetensors.index.json").write_text(json.dumps(index))
+    return checkpoint
+
+
 def _written(name: str, data: bytes) -> Callable[[Path], Path]:
     def write(path: Path) -> Path:
         (path / name).write_bytes(data)
@@ -591,6 +714,7 @@ def _saved(obj: object) -> Callable[[Path], Path]:
         _truncated_zip,
         _missing_shard,
         _missing_unindexed_shard,
+        _index_names_an_absent_tensor,
         _saved({"module.fc.weight": torch.ones(1), "fc.weight": torch.ones(1)}),
         _saved({"epoch": 3, "optimizer_state": _OPTIMIZER}),
         _saved([1, 2, 3]),
@@ -605,6 +729,7 @@ def _saved(obj: object) -> Callable[[Path], Path]:
         "truncated-zip",
         "missing-shard",
         "missing-unindexed-shard",
+        "index-names-an-absent-tensor",
         "two-keys-one-layer",
         "no-weights",
         "not-a-dict",
@@ -619,6 +744,42 @@ def test_unreadable_input_is_a_checkpoint_error_naming_the_path(
         list(load_tensors(path))
 
     assert str(path) in str(raised.value)
+
+
+@pytest.mark.parametrize("at", [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, -1])
+@pytest.mark.parametrize("kind", ["safetensors", "zip", "legacy"])
+def test_a_file_truncated_anywhere_is_a_checkpoint_error(
+    tmp_path: Path, kind: str, at: float
+) -> None:
+    path = tmp_path / ("step_1.safetensors" if kind == "safetensors" else "step_1.pt")
+    if kind == "safetensors":
+        save_file(dict(_weights()), path)
+    else:
+        torch.save(_weights(), path, _use_new_zipfile_serialization=kind == "zip")
+    data = path.read_bytes()
+    cut = len(data) - 1 if at == -1 else max(1, int(len(data) * at))
+    path.write_bytes(data[:cut])
+
+    with pytest.raises(CheckpointError) as raised:
+        for _, tensor in load_tensors(path):
+            tensor.sum()  # memory-mapped bytes are read only here
+
+    assert str(path) in str(raised.value)
+
+
+def test_a_checkpoint_folder_without_weights_fails_alone(tmp_path: Path) -> None:
+    _touch_weights(tmp_path / "run" / "checkpoint-5" / "model.safetensors")
+    (tmp_path / "run" / "checkpoint-9").mkdir()
+    (tmp_path / "run" / "checkpoint-9" / "config.json").write_text("{}")
+
+    found = discover(tmp_path)
+
+    assert [(c.step, c.path.name) for c in found.checkpoints] == [
+        (5, "checkpoint-5"),
+        (9, "checkpoint-9"),
+    ]
+    with pytest.raises(CheckpointError, match=r"checkpoint-9 holds no model: expected"):
+        list(load_tensors(found.checkpoints[1].path))
 
 
 def test_read_metadata(tmp_path: Path) -> None:
