@@ -564,6 +564,45 @@ def test_cli_plots_overlap_and_agreement_over_training(runs, tmp_path, capsys, m
     assert "agreement score, dense against masked" in out and "fc2.weight" in out
 
 
+def test_overlap_figure_draws_each_defined_layer_and_its_control():
+    from spectrum_cli.plots import mask_overlap_figure
+
+    weights = {k: w for k, w in mlp_weights().items() if k != "out.weight" and w.dim() == 2}
+    masks = magnitude_masks(weights, keep=0.2, include_output=True)
+    masks["fc2.weight"] = torch.zeros(40, 48, dtype=torch.bool)
+    first, empty = compare_masks(MaskedWeights(weights, masks, "m"))
+
+    figure = mask_overlap_figure("title", [first, empty])
+
+    [ax] = figure.axes
+    curves = [line for line in ax.get_lines() if line.get_linestyle() == "-"]
+    controls = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+    assert [line.get_label() for line in curves] == [f"fc1.weight (d = {first.density:.3f})"]
+    assert list(curves[0].get_xdata()) == first.ranks == [1, 2, 4, 8, 16, 32]
+    assert list(curves[0].get_ydata()) == first.iou
+    [control] = controls
+    assert list(control.get_ydata()) == [first.random_iou] * 2
+    assert ax.get_xscale() == "log" and ax.get_ylim() == (0, 1.02)
+    assert [text.get_text() for text in ax.get_legend().get_texts()] == [curves[0].get_label()]
+    assert figure.texts[0].get_text() == "title"
+
+
+def test_agreement_figure_draws_one_line_per_layer_over_steps():
+    from spectrum_cli.masks import StepAgreement
+    from spectrum_cli.plots import masked_agreement_figure
+
+    rows = [StepAgreement("a", t, 1 - t / 10) for t in (0, 2, 4)] + [StepAgreement("b", 4, 0.5)]
+
+    figure = masked_agreement_figure("dense against masked", rows)
+
+    [ax] = figure.axes
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert list(lines) == ["a", "b"]
+    assert list(lines["a"].get_xdata()) == [0, 2, 4]
+    assert list(lines["a"].get_ydata()) == [1.0, 0.8, 0.6]
+    assert list(lines["b"].get_xdata()) == [4] and ax.get_xlabel() == "step"
+
+
 def test_cli_json_rows_name_layers(tmp_path, capsys, monkeypatch):
     save_file(mlp_weights(), tmp_path / "ckpt.safetensors")
 
@@ -841,3 +880,30 @@ def test_magnitude_masks_keep_the_top_directions_of_the_sample_network(how):
         assert report.agreement > 0.15, report
         assert report.random_agreement < 0.08, report
         assert report.agreement > 5 * report.random_agreement, report
+
+
+@pytest.mark.skipif(not (SAMPLES / "masked").is_dir(), reason="sample checkpoints not generated")
+def test_the_sample_runs_over_training():
+    from spectrum_cli.checkpoints import discover
+
+    found = discover(SAMPLES / "masked")
+    assert {c.run for c in found.checkpoints} == {"dense", "sparse"}
+    assert any(note.startswith("skipped mask.safetensors: a mask") for note in found.notes)
+
+    rows = compare_runs(str(SAMPLES / "masked" / "dense"), str(SAMPLES / "masked" / "sparse"))
+
+    score = {(row.layer, row.step): row.agreement for row in rows}
+    steps = sorted({row.step for row in rows})
+    assert steps == [100, 500, 1000, 2000, 4000, 6000]
+    assert all(0.0 <= value <= 1.0 for value in score.values())
+
+    # The runs share step 100; the output layer is not masked, so it agrees fully there only.
+    assert score["4.weight", 100] == pytest.approx(1.0, abs=1e-5)
+    assert all(score["4.weight", t] < 0.5 for t in steps[1:])
+
+    # A mask taken from the final weights keeps almost none of the step-100 top directions;
+    # the masked run's hidden matrices turn towards the dense run's as both train.
+    for layer in ("0.weight", "2.weight"):
+        assert score[layer, 100] < 0.05
+        assert score[layer, 6000] > 3 * score[layer, 100]
+        assert max(score[layer, t] for t in steps) < 0.3
