@@ -416,7 +416,8 @@ def collect_masks(
             if given
         ]
         if ignored:
-            raise UsageError(f"{' and '.join(ignored)} apply to --keep only")
+            verb = "applies" if len(ignored) == 1 else "apply"
+            raise UsageError(f"{' and '.join(ignored)} {verb} to --keep only")
     loaded = load_weights(checkpoint)
     if mask is None and keep is None and loaded.masks and output is not None:
         raise UsageError("--output-layer applies to --mask and --keep, not to prune masks")

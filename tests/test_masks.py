@@ -380,8 +380,8 @@ def test_a_single_matrix_is_pruned_only_when_asked(tmp_path):
 @pytest.mark.parametrize(
     ("how", "message"),
     [
-        ({"scope": "layer"}, "--scope apply to --keep only"),
-        ({"include_output": True}, "--include-output apply to --keep only"),
+        ({"scope": "layer"}, "--scope applies to --keep only"),
+        ({"include_output": True}, "--include-output applies to --keep only"),
     ],
 )
 def test_options_that_would_change_nothing_are_refused(tmp_path, how, message):
@@ -645,13 +645,13 @@ def test_cli_table_and_csv(tmp_path, capsys, monkeypatch):
         (["--keep", "0.1", "--mask", "m.safetensors"], "not both"),
         (["--keep", "0"], "--keep must be a fraction"),
         (["--dense-run", "a"], "give both --dense-run and --masked-run"),
-        (["--dense-run", "a", "--masked-run", "b"], "apply to one checkpoint"),
+        (["--dense-run", "a", "--masked-run", "b"], "CHECKPOINT applies to one checkpoint"),
         (["--store", "s.zarr", "--keep", "0.1"], "--store applies to"),
         (["--keep", "1.5"], "--keep must be a fraction in (0, 1], got 1.5"),
-        (["--mask", "m.safetensors", "--scope", "layer"], "--scope apply to --keep only"),
-        (["--mask", "m.safetensors", "--include-output"], "--include-output apply to --keep"),
-        (["--dense-run", "a", "--masked-run", "b", "--seed", "1"], "--seed apply to one"),
-        (["--dense-run", "a", "--masked-run", "b", "--scope", "layer"], "--scope apply to one"),
+        (["--mask", "m.safetensors", "--scope", "layer"], "--scope applies to --keep only"),
+        (["--mask", "m.safetensors", "--include-output"], "--include-output applies to --keep"),
+        (["--dense-run", "a", "--masked-run", "b", "--seed", "1"], "CHECKPOINT, --seed apply to"),
+        (["--dense-run", "a", "--masked-run", "b", "--scope", "layer"], "CHECKPOINT, --scope apply to one"),
     ],
 )
 def test_cli_usage_errors_are_one_red_line(tmp_path, capsys, monkeypatch, args, message):

@@ -109,7 +109,8 @@ def masks(
             if value is not None
         ]
         if given:
-            raise UsageError(f"{', '.join(given)} apply to one checkpoint, not to runs")
+            verb = "applies" if len(given) == 1 else "apply"
+            raise UsageError(f"{', '.join(given)} {verb} to one checkpoint, not to runs")
         _over_training(dense_run, masked_run, store, output, plot)
         return
     if checkpoint is None:
