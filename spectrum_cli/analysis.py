@@ -241,7 +241,11 @@ def _record(
     if not outcome.results:
         summary.failed_checkpoints.append(f"{where}: no weight matrices in it")
         return
-    source = {"path": _relative(checkpoint.path, root), "bytes": _size(checkpoint)}
+    source = {
+        "path": _relative(checkpoint.path, root),
+        "absolute_path": str(checkpoint.path.absolute()),
+        "bytes": _size(checkpoint),
+    }
     failures = store.write_checkpoint(checkpoint.run, checkpoint.step, outcome.results, source)
     summary.analysed += 1
     summary.matrices += len(outcome.results)
@@ -371,7 +375,9 @@ def mixed_models_note(run: str, layers_by_step: Mapping[int, set[str]]) -> str |
     if len(groups) < 2:
         return None
     described = "; ".join(
-        f"{_listed('step', steps)} hold {_listed('', sorted(layers))}" for steps, layers in groups
+        f"{_listed('step', steps)} {'hold' if len(steps) > 1 else 'holds'} "
+        f"{_listed('', sorted(layers))}"
+        for steps, layers in groups
     )
     return (
         f"run {run}: its checkpoints fall into {len(groups)} groups that share no layer, as if "

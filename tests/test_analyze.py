@@ -12,7 +12,7 @@ import torch
 from conftest import REAL, TINY_LAYERS, assert_same_store, save_checkpoint, tiny_weights
 
 from spectrum_cli import analysis
-from spectrum_cli.analysis import analyze
+from spectrum_cli.analysis import analyze, mixed_models_note
 from spectrum_cli.errors import UsageError
 from spectrum_cli.store import DONE, FAILED, NOT_COMPUTED, Store
 
@@ -165,6 +165,19 @@ def test_unreadable_checkpoint_stays_not_computed_and_is_retried(make_run, tmp_p
     assert Store.open(tmp_path / "s.zarr").done_steps("run") == [0, 1, 2]
 
 
+def test_a_checkpoint_folder_without_weights_fails_alone(make_run, tmp_path):
+    root = make_run("run", [0])
+    (root / "run" / "checkpoint-9").mkdir()
+    (root / "run" / "checkpoint-9" / "config.json").write_text("{}")
+
+    summary = analyze(root, tmp_path / "s.zarr")
+
+    (failure,) = summary.failed_checkpoints
+    assert f"{root / 'run' / 'checkpoint-9'} (run run, step 9): " in failure
+    assert "holds no model: expected model.safetensors" in failure
+    assert Store.open(tmp_path / "s.zarr").done_steps("run") == [0]
+
+
 def test_a_failing_task_fails_its_checkpoint_only(make_run, tmp_path, monkeypatch):
     root = make_run("run", [0, 1, 2])
     decompose = analysis.decompose_checkpoint
@@ -186,13 +199,54 @@ def test_a_layer_missing_from_some_checkpoints(make_run, tmp_path):
     root = make_run("run", [0])
     make_run("run", [1], layers={**TINY_LAYERS, "extra.weight": ((6, 6), torch.float32)})
 
-    analyze(root, tmp_path / "s.zarr")
+    summary = analyze(root, tmp_path / "s.zarr")
 
     store = Store.open(tmp_path / "s.zarr")
     assert store.layers("run") == ["conv.weight", "extra.weight", "fc.weight", "head.weight"]
     assert store.status("run", "extra.weight")[1].tolist() == [NOT_COMPUTED, DONE]
     assert store.read("run", "extra.weight").steps.tolist() == [1]
     assert store.read("run", "fc.weight").steps.tolist() == [0, 1]
+    assert not any("share no layer" in note for note in summary.notes)
+
+
+def test_two_models_in_one_folder_are_named_in_a_note(make_run, tmp_path):
+    root = make_run("mixed", [1, 2], layers={"fc.weight": TINY_LAYERS["fc.weight"]})
+    other = {name: TINY_LAYERS[name] for name in ("conv.weight", "head.weight")}
+    make_run("mixed", [3, 4], layers=other)
+    make_run("plain", [1, 2])
+
+    summary = analyze(root, tmp_path / "s.zarr")
+
+    assert summary.ok and summary.analysed == 6
+    (note,) = [note for note in summary.notes if "share no layer" in note]
+    assert note.startswith("run mixed: its checkpoints fall into 2 groups that share no layer")
+    assert "(steps 1, 2 hold fc.weight; steps 3, 4 hold conv.weight, head.weight)" in note
+    assert "put each model's checkpoints in a folder of its own" in note
+    store = Store.open(tmp_path / "s.zarr")
+    done, absent = [DONE, DONE], [NOT_COMPUTED, NOT_COMPUTED]
+    assert store.status("mixed", "fc.weight")[1].tolist() == done + absent
+    assert store.status("mixed", "conv.weight")[1].tolist() == absent + done
+
+    # A third model added later is named too, with the steps stored before.
+    make_run("mixed", [5], layers={"embed.weight": ((6, 6), torch.float32)})
+    (note,) = [n for n in analyze(root, tmp_path / "s.zarr").notes if "share no layer" in n]
+    assert "3 groups" in note and "step 5 holds embed.weight" in note
+
+
+@pytest.mark.parametrize(
+    ("layers_by_step", "groups"),
+    [
+        ({}, None),
+        ({0: {"a"}, 1: {"a"}}, None),
+        ({0: {"a"}, 1: {"a", "b"}, 2: {"b"}}, None),  # linked through step 1
+        ({0: {"a"}, 1: {"b"}, 2: {"a"}}, 2),
+        ({step: {f"layer{step}"} for step in range(5)}, 5),
+    ],
+)
+def test_mixed_models_note_counts_groups_that_share_no_layer(layers_by_step, groups):
+    note = mixed_models_note("r", layers_by_step)
+
+    assert (note is None) if groups is None else f"fall into {groups} groups" in note
 
 
 @pytest.mark.parametrize("first", [0, 1])

@@ -124,7 +124,8 @@ def test_a_remote_cluster_writes_the_store_a_local_run_does(scheduler, make_run,
     )
 
 
-def test_an_unreachable_scheduler_is_one_line(make_run, tmp_path):
+def test_an_unreachable_scheduler_exits_2_with_one_line(make_run, tmp_path):
+    # Nothing was done: like a bad flag, not like a run that stored some and failed some.
     root = make_run("a", [0])
 
     done = run_cli(
@@ -132,7 +133,7 @@ def test_an_unreachable_scheduler_is_one_line(make_run, tmp_path):
         env={"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "1s"},
     )
 
-    assert done.returncode == 1 and done.stdout == ""
+    assert done.returncode == 2 and done.stdout == ""
     (line,) = done.stderr.splitlines()
     assert line.startswith("error: cannot reach the Dask scheduler at tcp://127.0.0.1:9")
     assert not (tmp_path / "s.zarr").exists()

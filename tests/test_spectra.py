@@ -40,6 +40,52 @@ def test_singular_values_match_float64_reference(shape):
     assert rel.max() < 1e-5
 
 
+@pytest.mark.parametrize("condition", [1e10, 1e20, 1e30])
+@pytest.mark.parametrize("shape", [(200, 120), (120, 200), (64, 64)])
+def test_ill_conditioned_matrices_give_the_float64_singular_values(shape, condition):
+    m, n = shape
+    sigma = np.logspace(0, -np.log10(condition), min(m, n))
+    w, _, _ = known_spectrum(m, n, sigma, seed=int(np.log10(condition)) + m)
+    reference = torch.linalg.svdvals(w.to(torch.float64)).numpy()
+
+    spectrum = decompose(w, top_k=16)
+
+    # Resolved values to 1e-5; the rest within float32 rounding of σ₁, finite and sorted.
+    resolved = reference >= 1e-3 * reference[0]
+    rel = np.abs(spectrum.sigma[resolved] - reference[resolved]) / reference[resolved]
+    assert rel.max() < 1e-5
+    np.testing.assert_allclose(spectrum.sigma, reference, rtol=0, atol=1e-6 * reference[0])
+    assert np.isfinite(spectrum.sigma).all() and (spectrum.sigma >= 0).all()
+    assert (np.diff(spectrum.sigma) <= 0).all()
+    assert np.isfinite(spectrum.u).all() and np.isfinite(spectrum.v).all()
+
+
+def _many_rows(m: int, n: int) -> None:
+    """A matrix of m rows (or, transposed, columns) against a float64 reference."""
+    gen = torch.Generator().manual_seed(m + n)
+    for w in (torch.randn(m, n, generator=gen), torch.randn(n, m, generator=gen)):
+        u, sigma, vh = torch.linalg.svd(w.to(torch.float64), full_matrices=False)
+        spectrum = decompose(w, top_k=8)
+
+        np.testing.assert_allclose(spectrum.sigma, sigma.numpy(), rtol=1e-5)
+        gaps = -np.diff(sigma.numpy())
+        gap = np.minimum(np.r_[np.inf, gaps], np.r_[gaps, np.inf])[:8]
+        separated = gap > 1e-3 * float(sigma[0])
+        assert separated.sum() >= 4
+        cos_u = np.abs(np.sum(spectrum.u * u[:, :8].numpy(), axis=0))
+        cos_v = np.abs(np.sum(spectrum.v * vh[:8].T.numpy(), axis=0))
+        assert cos_u[separated].min() >= 0.999 and cos_v[separated].min() >= 0.999
+
+
+def test_tens_of_thousands_of_rows():
+    _many_rows(30_000, 64)
+
+
+@pytest.mark.slow
+def test_sixty_thousand_rows_by_512():
+    _many_rows(60_000, 512)
+
+
 def test_top_vectors_match_where_separated():
     m, n, k = 200, 150, 16
     sigma = np.concatenate([10.0 * 0.8 ** np.arange(k), np.full(150 - k, 0.01)])
