@@ -651,7 +651,10 @@ def test_cli_table_and_csv(tmp_path, capsys, monkeypatch):
         (["--mask", "m.safetensors", "--scope", "layer"], "--scope applies to --keep only"),
         (["--mask", "m.safetensors", "--include-output"], "--include-output applies to --keep"),
         (["--dense-run", "a", "--masked-run", "b", "--seed", "1"], "CHECKPOINT, --seed apply to"),
-        (["--dense-run", "a", "--masked-run", "b", "--scope", "layer"], "CHECKPOINT, --scope apply to one"),
+        (
+            ["--dense-run", "a", "--masked-run", "b", "--scope", "layer"],
+            "CHECKPOINT, --scope apply to one",
+        ),
     ],
 )
 def test_cli_usage_errors_are_one_red_line(tmp_path, capsys, monkeypatch, args, message):
