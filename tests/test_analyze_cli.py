@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import _TERMINAL_VARIABLES, run_cli, save_checkpoint, tiny_weights
 
 from spectrum_cli.cli import main
@@ -187,6 +188,26 @@ def test_ls_lists_runs_steps_layers_shapes_and_status(spectrum, make_run, tmp_pa
     assert code == 0 and len(lines) == 1 + 6
     assert lines[0] == "run,steps,layer,tensor_shape,matrix_shape,dtype,done,failed"
     assert lines[2] == "a,3,fc.weight,40x24,40x24,float32,2,1"
+
+
+def test_ls_folds_long_names_and_never_cuts_them(spectrum, make_run, tmp_path):
+    run = "digits-shuffled-labels-seed-1234567/spawn-sweep-learning-rate-0.001"
+    layer = "encoder.layers.11.attention.self.query_key_value.weight"
+    root = make_run(run, [0, 10], layers={layer: ((12, 8), torch.float32)})
+    store = tmp_path / "s.zarr"
+    assert spectrum("analyze", root, "--store", store)[0] == 0
+
+    # Piped into an 80-column console, as `spectrum ls | less` is.
+    done = run_cli("ls", store, env={"COLUMNS": "80"})
+
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].strip() == f"{store} (top 32 vectors)"  # the whole path, too
+    assert max(len(line) for line in lines[1:]) <= 80 and "…" not in done.stdout
+    cells = [line.split("│") for line in lines if line.startswith("│")]
+    assert "".join(cell[1].strip() for cell in cells) == run
+    assert "".join(cell[2].strip() for cell in cells) == layer
+    assert cells[0][3:] and cells[0][3].strip() == "12x8"
 
 
 def test_ls_of_a_missing_store_is_one_line(spectrum, tmp_path):

@@ -141,8 +141,11 @@ def ls(
         )
         return
     table = Table(title=f"{store} (top {opened.top_k} vectors)")
-    for column in ("run", "layer", "matrix", "tensor", "dtype", "steps", "done", "failed"):
-        table.add_column(column)
+    # Names fold onto more lines rather than lose characters, whatever the width.
+    for column in ("run", "layer"):
+        table.add_column(column, overflow="fold")
+    for column in ("matrix", "tensor", "dtype", "steps", "done", "failed"):
+        table.add_column(column, no_wrap=True)
     for listed in runs:
         steps = listed["steps"]
         span = f"{steps[0]}..{steps[-1]} ({len(steps)})" if steps else "none"
