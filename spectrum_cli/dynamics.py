@@ -473,14 +473,25 @@ def training_metrics(
     Returns
     -------
     dict or None
-        Column name to float64 values (``step`` among them), or None when there is no log.
-        The file is looked for in the folder that holds each stored checkpoint, taking the
-        recorded paths relative to the current directory and to the store's folder.
+        Column name to float64 values (``step`` among them), or None when there is no log
+        (see :func:`find_metrics_file` for where it is looked for), or when the log found
+        cannot be read (a warning says why).
+
+    Raises
+    ------
+    UsageError
+        When ``override`` cannot be read or has no ``step`` column.
     """
-    path = override if override is not None else find_metrics_file(store, run)
+    if override is not None:
+        return read_training_metrics(override)
+    path = find_metrics_file(store, run)
     if path is None:
         return None
-    return read_training_metrics(path)
+    try:
+        return read_training_metrics(path)
+    except UsageError as error:
+        log.warning("run %s: %s; no training metrics are drawn", run, error)
+        return None
 
 
 def read_training_metrics(path: Path) -> dict[str, np.ndarray]:
@@ -494,8 +505,9 @@ def read_training_metrics(path: Path) -> dict[str, np.ndarray]:
     try:
         with open(path, newline="") as handle:
             records = list(csv.DictReader(handle))
-    except OSError as error:
-        raise UsageError(f"cannot read training metrics {path}: {error.strerror}") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        why = getattr(error, "strerror", None) or error
+        raise UsageError(f"cannot read training metrics {path}: {why}") from None
     if not records or "step" not in records[0]:
         raise UsageError(f"{path} has no step column; expected step,train_loss,... as a header")
     columns: dict[str, np.ndarray] = {}
@@ -504,30 +516,52 @@ def read_training_metrics(path: Path) -> dict[str, np.ndarray]:
         if all(np.isnan(values)):
             continue
         columns[name] = np.asarray(values, dtype=np.float64)
+    if "step" not in columns:
+        raise UsageError(f"{path} has no numbers in its step column")
     order = np.argsort(columns["step"], kind="stable")
     return {name: values[order] for name, values in columns.items()}
 
 
 def find_metrics_file(store: Store, run: str) -> Path | None:
-    """The ``metrics.csv`` beside a run's stored checkpoints, or None (see
-    :func:`training_metrics` for where it is looked for)."""
-    bases = [Path.cwd(), store.path.resolve().parent]
-    seen: set[Path] = set()
-    for source in store.checkpoints(run).values():
-        recorded = Path(str(source.get("path", "")))
-        if not recorded.parts:
-            continue
-        for base in [Path()] if recorded.is_absolute() else bases:
-            # A run's folder holds its checkpoints, file or folder alike.
-            folder = (base / recorded).parent
-            if folder in seen:
-                continue
-            seen.add(folder)
-            candidate = folder / METRICS_FILE
-            if candidate.is_file():
-                log.debug("run %s: training metrics from %s", run, candidate)
-                return candidate
+    """The ``metrics.csv`` beside a run's stored checkpoints, or None.
+
+    It is looked for in each folder of :func:`checkpoint_folders`, in that order.
+    """
+    for folder in checkpoint_folders(store, run):
+        candidate = folder / METRICS_FILE
+        if candidate.is_file():
+            log.debug("run %s: training metrics from %s", run, candidate)
+            return candidate
     return None
+
+
+def checkpoint_folders(store: Store, run: str) -> list[Path]:
+    """The folders that held a run's checkpoints when they were analysed, most likely first.
+
+    First the folder of each checkpoint's ``absolute_path``, as ``analyze`` found it; then
+    each recorded relative ``path`` taken from the current directory and from the store's
+    folder (a store written without absolute paths, or moved with its runs). A checkpoint
+    that is a folder itself (a Hugging Face layout) counts as one file of its run's folder.
+    """
+    sources = list(store.checkpoints(run).values())
+    absolute = [Path(str(s["absolute_path"])) for s in sources if s.get("absolute_path")]
+    relative = [Path(str(s["path"])) for s in sources if s.get("path")]
+    candidates = [path.parent for path in absolute]
+    for base in (Path.cwd(), store.path.resolve().parent):
+        candidates += [(base / path).parent for path in relative if path.parts]
+    return list(dict.fromkeys(candidates))
+
+
+def missing_log_note(store: Store, run: str) -> str:
+    """One line saying that a run's training log was not found, where it was looked for, and
+    how to name one."""
+    folders = checkpoint_folders(store, run)
+    where = ", ".join(str(folder) for folder in folders[:3])
+    more = f" and {len(folders) - 3} more" if len(folders) > 3 else ""
+    return (
+        f"run {run}: no {METRICS_FILE} found (looked in {where or 'no recorded folder'}{more}); "
+        "drawing no training metrics. Pass --metrics FILE.csv to name one"
+    )
 
 
 def _number(text: str | None) -> float:

@@ -9,16 +9,23 @@
 Figures are built on :class:`matplotlib.figure.Figure` directly, never through pyplot, so
 nothing here touches global state or needs a display. Steps are placed at equal spacing and
 labelled with their values: checkpoints are often saved on a log scale.
+
+Every figure file is written by :func:`save_figure`, in the format its suffix names, after
+:func:`check_figure_path` has checked, before any work, that it can be.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from spectrum_cli.errors import UsageError
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -31,6 +38,9 @@ if TYPE_CHECKING:
 MAX_PANELS = 16
 #: At most this many entries in a legend; with more layers, colour encodes depth instead.
 MAX_LEGEND = 10
+
+#: The formats a figure file is written in, by its suffix (any case).
+FIGURE_FORMATS = {".png": "png", ".pdf": "pdf", ".svg": "svg"}
 
 _DPI = 100
 
@@ -128,12 +138,123 @@ def alignment_figure(run: str, series: Sequence[DiagonalSeries]) -> Figure:
     )
 
 
-def save_png(figure: Figure, path: Path) -> Path:
-    """Write a figure as PNG and return the path."""
+def save_figure(figure: Figure, path: Path) -> Path:
+    """Write a figure in the format its file suffix names (PNG, PDF or SVG).
+
+    Parameters
+    ----------
+    figure
+        The figure.
+    path
+        Where to write it; its folder is created if missing.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+
+    Raises
+    ------
+    UsageError
+        For another suffix, or a path that cannot be written.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png", dpi=_DPI)
+    kind = figure_format(path)
+    writable_folder(path.parent)
+    try:
+        figure.savefig(path, format=kind, dpi=_DPI)
+    except OSError as error:
+        raise UsageError(
+            f"cannot write {path}: {error.strerror or error}; name a file you can write"
+        ) from None
     return path
+
+
+def figure_format(path: Path) -> str:
+    """The image format a figure file's suffix names: ``png``, ``pdf`` or ``svg``.
+
+    Raises
+    ------
+    UsageError
+        For any other suffix (or none): the figure is not written under a misleading name.
+    """
+    kind = FIGURE_FORMATS.get(Path(path).suffix.lower())
+    if kind is None:
+        named = f"ends in {Path(path).suffix!r}" if Path(path).suffix else "has no suffix"
+        *others, last = FIGURE_FORMATS
+        raise UsageError(
+            f"{path} {named}; figures are written as {', '.join(others)} or {last}: "
+            "name a file with one of these suffixes"
+        )
+    return kind
+
+
+def check_figure_path(path: Path) -> Path:
+    """Make sure a figure can be written at ``path``, before any work is done.
+
+    The suffix must name a format (:func:`figure_format`), the path must not be a folder, and
+    its folder must exist (it is created if missing) and take new files.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+
+    Raises
+    ------
+    UsageError
+        Saying which of these fails.
+    """
+    path = Path(path)
+    figure_format(path)
+    if path.is_dir():
+        raise UsageError(f"{path} is a folder; name an image file such as {path / 'figure.png'}")
+    writable_folder(path.parent)
+    return path
+
+
+def writable_folder(folder: Path) -> Path:
+    """Create ``folder`` if it is missing and check that new files can be written in it.
+
+    Returns
+    -------
+    pathlib.Path
+        ``folder``.
+
+    Raises
+    ------
+    UsageError
+        When it is a file, cannot be created, or refuses new files.
+    """
+    import tempfile
+
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{folder} is a file, not a folder; name a folder to write into")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        # A file opened and removed at once: the one test of writing that holds for every user.
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise UsageError(
+            f"cannot write into {folder}: {error.strerror or error}; name a folder you can write to"
+        ) from None
+    return folder
+
+
+def run_slug(run: str) -> str:
+    """A run's name as one file-name part and HTML anchor, distinct for distinct runs.
+
+    Letters, digits, ``.``, ``_`` and ``-`` are kept and anything else becomes ``_``; when
+    that changes the name, 8 hex digits of its hash follow, so ``a/b`` (``a_b-…``) and ``a_b``
+    never share a file.
+    """
+    plain = re.sub(r"[^A-Za-z0-9._-]+", "_", run).strip("._") or "run"
+    if plain == run:
+        return plain
+    digest = hashlib.sha256(run.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{plain}-{digest}"
 
 
 def png_bytes(figure: Figure) -> bytes:

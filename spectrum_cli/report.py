@@ -4,7 +4,8 @@ For every run: effective rank (with the training log beside it when one is found
 singular-vector agreement with the final step, and the alignment of consecutive layers; then
 the tables behind them and what was analysed and how (store, runs, layers, steps, top k,
 versions). Figures are embedded as base64 PNG and the style sheet is inline, so the page is
-one file that reads offline; it holds no scripts.
+one file that reads offline; it holds no scripts. Each figure is also written as a PNG file
+beside the page, for use elsewhere.
 """
 
 from __future__ import annotations
@@ -12,19 +13,23 @@ from __future__ import annotations
 import base64
 import html
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from spectrum_cli import __version__
+from spectrum_cli.errors import UsageError
 from spectrum_cli.store import FORMAT
 
 log = logging.getLogger(__name__)
 
-#: The file written into the output folder.
+#: The page written into the output folder.
 PAGE = "index.html"
+#: The folder, inside the output folder, that holds each figure as a PNG file.
+FIGURES = "figures"
 
 _STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1300px;
@@ -40,30 +45,74 @@ img { max-width: 100%; height: auto; display: block; margin: 0.5em 0; }
 """
 
 
-def write_report(store_path: Path, out_dir: Path, metrics: Path | None = None) -> Path:
-    """Write ``index.html`` for a store into ``out_dir`` and return its path.
+@dataclass
+class RunSection:
+    """What the page shows of one run, and the figure files written for it."""
+
+    run: str
+    anchor: str
+    layers: int
+    steps: list[int]
+    training_log: str | None = None
+    figures: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Report:
+    """What :func:`write_report` wrote: the page, and per run its section and figures."""
+
+    page: str
+    store: str
+    runs: list[RunSection] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def write_report(
+    store_path: Path,
+    out_dir: Path,
+    metrics: Path | None = None,
+    on_found: Callable[[int], None] | None = None,
+    on_done: Callable[[str], None] | None = None,
+) -> Report:
+    """Write ``index.html`` for a store, and each figure as a PNG file, into ``out_dir``.
 
     Parameters
     ----------
     store_path
         The spectra store.
     out_dir
-        The folder to write into; created if missing.
+        The folder to write into; created if missing, and checked before any work is done.
     metrics
         A training log to use for every run; by default each run's own ``metrics.csv`` when
         one is found beside its checkpoints.
+    on_found, on_done
+        Progress callbacks: the number of runs, then each run once its section is done.
 
     Returns
     -------
-    pathlib.Path
-        The page written.
+    Report
+        The page, the figures of every run (``FIGURES/<run>-<figure>.png``), and notes such
+        as a run whose training log was not found.
+
+    Raises
+    ------
+    StoreError
+        When the store cannot be read.
+    UsageError
+        When ``out_dir`` is a file or cannot be written.
     """
     from spectrum_cli import dynamics, plots
     from spectrum_cli.store import Store
 
     store = Store.open(store_path)
     selection = dynamics.select(store)
-    body = [_provenance(store, selection, metrics)]
+    out_dir = plots.writable_folder(Path(out_dir))
+    figures_dir = plots.writable_folder(out_dir / FIGURES)
+    report = Report(page=str(out_dir / PAGE), store=str(store.path))
+    if on_found:
+        on_found(len(selection))
+
+    body = []
     for chosen in selection:
         log.info("report: run %s", chosen.run)
         one = [chosen]
@@ -71,11 +120,22 @@ def write_report(store_path: Path, out_dir: Path, metrics: Path | None = None) -
         stable = dynamics.stability_series(store, one, "final")
         aligned = dynamics.alignment_series(store, one)
         training = dynamics.training_metrics(store, chosen.run, metrics)
+        entry = RunSection(
+            run=chosen.run,
+            anchor=f"run-{plots.run_slug(chosen.run)}",
+            layers=len(chosen.layers),
+            steps=store.done_steps(chosen.run),
+        )
+        if training is not None:
+            entry.training_log = str(metrics or dynamics.find_metrics_file(store, chosen.run))
+        elif metrics is None:
+            report.notes.append(dynamics.missing_log_note(store, chosen.run))
 
-        section = [f"<h2 id='{_id(chosen.run)}'>Run {_e(chosen.run)}</h2>"]
+        section = [f"<h2 id='{entry.anchor}'>Run {_e(chosen.run)}</h2>"]
         section.append("<h3>Effective rank</h3>")
         if ranks:
-            section.append(_image(plots.png_bytes(plots.rank_figure(chosen.run, ranks, training))))
+            figure = plots.rank_figure(chosen.run, ranks, training)
+            section.append(_figure(figures_dir, entry, "rank", figure))
             section.append(_rank_table(ranks))
         else:
             section.append("<p class='note'>No layer of this run has a stored step.</p>")
@@ -83,53 +143,74 @@ def write_report(store_path: Path, out_dir: Path, metrics: Path | None = None) -
         section.append("<h3>Singular-vector agreement with the final step</h3>")
         if stable:
             figure = plots.stability_figure(chosen.run, stable, "final")
-            section.append(_image(plots.png_bytes(figure)))
+            section.append(_figure(figures_dir, entry, "stability", figure))
             section.append(_stability_table(stable))
         else:
             section.append("<p class='note'>No stored singular vectors.</p>")
 
         section.append("<h3>Alignment of consecutive layers</h3>")
         if aligned:
-            section.append(_image(plots.png_bytes(plots.alignment_figure(chosen.run, aligned))))
+            figure = plots.alignment_figure(chosen.run, aligned)
+            section.append(_figure(figures_dir, entry, "alignment", figure))
             section.append(_alignment_table(aligned))
         else:
             section.append("<p class='note'>No consecutive layers connect by size in this run.</p>")
         body.append("\n".join(section))
+        report.runs.append(entry)
+        if on_done:
+            on_done(chosen.run)
 
     title = f"spectrum report: {store.path}"
     page = (
         "<!doctype html>\n<html lang='en'>\n<head>\n<meta charset='utf-8'>\n"
         f"<title>{_e(title)}</title>\n<style>{_STYLE}</style>\n</head>\n<body>\n"
-        f"<h1>{_e(title)}</h1>\n" + "\n".join(body) + "\n</body>\n</html>\n"
+        f"<h1>{_e(title)}</h1>\n"
+        + _provenance(store, selection, report.runs)
+        + "\n"
+        + "\n".join(body)
+        + "\n</body>\n</html>\n"
     )
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / PAGE
-    path.write_text(page, encoding="utf-8")
-    return path
+    _write(out_dir / PAGE, page.encode("utf-8"))
+    return report
+
+
+def _figure(folder: Path, entry: RunSection, kind: str, figure: Any) -> str:
+    """A figure as an image embedded in the page, also written as ``<run>-<kind>.png``."""
+    from spectrum_cli.plots import png_bytes, run_slug
+
+    png = png_bytes(figure)
+    path = folder / f"{run_slug(entry.run)}-{kind}.png"
+    _write(path, png)
+    entry.figures[kind] = str(path)
+    return _image(png, f"{kind} of run {entry.run}")
+
+
+def _write(path: Path, data: bytes) -> None:
+    """Write a file of the report; UsageError naming it when that fails."""
+    try:
+        path.write_bytes(data)
+    except OSError as error:
+        raise UsageError(f"cannot write {path}: {error.strerror or error}") from None
 
 
 # ---------------------------------------------------------------------------- sections
 
 
-def _provenance(store: Any, selection: Sequence[Any], metrics: Path | None) -> str:
+def _provenance(store: Any, selection: Sequence[Any], sections: Sequence[RunSection]) -> str:
     """What was analysed and how: the store, its runs, layers and steps, and the definitions."""
     from spectrum_cli import dynamics
 
     written_by = store.version
     runs = []
-    for chosen in selection:
-        steps = store.done_steps(chosen.run)
-        found = metrics or dynamics.find_metrics_file(store, chosen.run)
-        sources = store.checkpoints(chosen.run)
-        first = str(next(iter(sources.values()))["path"]) if sources else ""
+    for entry in sections:
+        folders = dynamics.checkpoint_folders(store, entry.run)
         runs.append(
             (
-                f"<a href='#{_id(chosen.run)}'>{_e(chosen.run)}</a>",
-                str(len(chosen.layers)),
-                _e(_span(steps)),
-                _e(str(Path(first).parent)) if first else "",
-                _e(str(found)) if found else "none found",
+                f"<a href='#{entry.anchor}'>{_e(entry.run)}</a>",
+                str(entry.layers),
+                _e(_span(entry.steps)),
+                _e(str(folders[0])) if folders else "",
+                _e(entry.training_log) if entry.training_log else "none found",
             )
         )
     layers = []
@@ -274,9 +355,9 @@ def _alignment_table(series: Sequence[Any]) -> str:
 # ---------------------------------------------------------------------------- HTML pieces
 
 
-def _image(png: bytes) -> str:
+def _image(png: bytes, alt: str) -> str:
     data = base64.b64encode(png).decode("ascii")
-    return f"<img alt='figure' src='data:image/png;base64,{data}'>"
+    return f"<img alt='{_e(alt)}' src='data:image/png;base64,{data}'>"
 
 
 def _table(headers: Sequence[str], rows: Iterable[Sequence[str]], names: Sequence[int]) -> str:
@@ -304,10 +385,6 @@ def _trend(line: str) -> str:
 
 def _span(steps: Sequence[int] | np.ndarray) -> str:
     return f"{int(steps[0])}..{int(steps[-1])} ({len(steps)})" if len(steps) else "none"
-
-
-def _id(run: str) -> str:
-    return "run-" + "".join(c if c.isalnum() else "-" for c in run)
 
 
 def _e(text: str) -> str:

@@ -13,6 +13,9 @@ A Zarr v3 directory that other tools can read without spectrum::
         attrs: tensor_shape, matrix_shape, dtype, formed, failures {step: reason}
       attrs: steps (row order), layers (tensor order), checkpoints {step: source}
 
+A checkpoint's source is where ``analyze`` read it: ``path``, relative to the folder above the
+one it was given, ``absolute_path`` and ``bytes``.
+
 Rows are allocated per run, so every layer of a run shares one row per step. Rows are in the
 order the steps were added (sorted within one ``analyze``); readers sort by step. Layers are
 listed in the checkpoints' tensor order, a layer first seen in a later checkpoint after the

@@ -197,6 +197,21 @@ def test_summary_tables_fit_an_80_column_terminal(command, tmp_path):
     assert sum(line.strip() == "short" for line in lines) == 1
     assert "head.weight" in done.stdout
 
+    # Long names break only after a separator, and read whole when their lines are joined.
+    start = next(
+        i for i, line in enumerate(lines) if line.strip() and LONG_RUN.startswith(line.strip())
+    )
+    pieces = []
+    while "".join(pieces) != LONG_RUN:
+        pieces.append(lines[start + len(pieces)].strip())
+        assert LONG_RUN.startswith("".join(pieces)), pieces
+    assert all(piece[-1] in "/._-" for piece in pieces[:-1]), pieces
+    layer = layers[0]
+    firsts = [
+        line.split()[0] for line in lines if line.split() and layer.startswith(line.split()[0])
+    ]
+    assert firsts and all(first[-1] in "/._-:" or first == layer for first in firsts), lines
+
 
 def test_rank_reads_singular_values_only(known_store, monkeypatch):
     asked = []
@@ -221,6 +236,55 @@ def test_rank_plot_writes_one_png_per_run(known_store, tmp_path):
     for run in ("a", "b"):
         assert (tmp_path / "fig" / f"rank-{run}.png").read_bytes().startswith(PNG)
     assert not (tmp_path / "fig" / "rank.png").exists()
+
+
+def test_plot_writes_the_format_its_suffix_names(known_store, tmp_path):
+    code, _, error = invoke("rank", known_store, "-r", "a", "--plot", tmp_path / "r.pdf")
+    assert code == 0, error
+    assert (tmp_path / "r.pdf").read_bytes().startswith(b"%PDF-")
+    code, _, error = invoke("stability", known_store, "--plot", tmp_path / "s.SVG")
+    assert code == 0, error
+    for run in ("a", "b"):
+        assert b"<svg" in (tmp_path / f"s-{run}.SVG").read_bytes()[:1000]
+
+
+@pytest.mark.parametrize(
+    ("plot", "message"),
+    [
+        ("x.jpg", "ends in '.jpg'; figures are written as .png, .pdf or .svg"),
+        ("x", "has no suffix"),
+        ("/proc/nope/x.png", "cannot write into /proc/nope"),
+        ("taken/x.png", "taken is a file, not a folder"),
+        ("folder.png", "is a folder"),
+    ],
+)
+def test_a_bad_plot_path_stops_before_any_work(plot, message, tmp_path):
+    (tmp_path / "taken").write_text("mine")
+    (tmp_path / "folder.png").mkdir()
+    path = plot if plot.startswith("/") else tmp_path / plot
+
+    # The store does not exist, so any work would stop on it: the path is checked first.
+    for command in ("rank", "stability", "align"):
+        _, _, error = invoke(command, tmp_path / "missing.zarr", "--plot", path)
+        assert isinstance(error, UsageError), error
+        assert str(error).startswith(f"--plot {path}: ") and message in str(error)
+
+
+def test_a_bad_plot_path_is_one_line_and_exit_two(tmp_path):
+    done = run_spectrum("rank", tmp_path / "missing.zarr", "--plot", "/proc/nope/x.png")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: --plot /proc/nope/x.png: cannot write into /proc/nope")
+    assert len(done.stderr.strip().splitlines()) == 1 and done.stdout == ""
+
+
+def test_plot_files_of_runs_differing_only_in_separators_do_not_collide(tmp_path):
+    steps = {0: [decomposed("w", orthonormal(6, 4, 1), 4)]}
+    store = write_store(tmp_path / "s.zarr", {"a/b": steps, "a_b": steps, "a b": steps})
+    code, _, error = invoke("rank", store, "--plot", tmp_path / "fig" / "r.png")
+    assert code == 0, error
+    names = sorted(p.name for p in (tmp_path / "fig").iterdir())
+    assert len(names) == 3 and "r-a_b.png" in names, names
+    assert all(re.fullmatch(r"r-a_b(-[0-9a-f]{8})?\.png", name) for name in names), names
 
 
 # ---------------------------------------------------------------------------- stability
@@ -373,7 +437,7 @@ def test_a_store_that_cannot_be_used_exits_two_in_one_line(tmp_path):
 # ---------------------------------------------------------------------------- training metrics
 
 
-def test_training_metrics_are_found_beside_the_checkpoints(tmp_path, monkeypatch):
+def test_training_metrics_are_found_from_any_folder(tmp_path, monkeypatch):
     from safetensors.numpy import save_file
 
     from spectrum_cli.analysis import analyze
@@ -386,26 +450,57 @@ def test_training_metrics_are_found_beside_the_checkpoints(tmp_path, monkeypatch
             {"fc.weight": rng.standard_normal((6, 4)).astype(np.float32)},
             run / f"step_{step}.safetensors",
         )
-    (run / "metrics.csv").write_text("step,train_loss,val_acc\n0,2.0,0.1\n10,0.5,\n")
+    log = run / "metrics.csv"
+    log.write_text("step,train_loss,val_acc\n0,2.0,0.1\n10,0.5,\n")
+
+    # Analysed from a folder that is neither the runs' nor above them, as `cd elsewhere &&
+    # spectrum analyze ../runs --store s.zarr` does.
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    analyze(tmp_path / "runs", elsewhere / "s.zarr", top_k=2)
-
-    # From the folder analyze ran in, the recorded paths resolve; from elsewhere they do not.
+    monkeypatch.chdir(elsewhere)
+    analyze(Path("../runs"), Path("s.zarr"), top_k=2)
     store = Store.open(elsewhere / "s.zarr")
-    monkeypatch.chdir(tmp_path)
-    found = training_metrics(store, "r1")
-    assert found is not None
+    source = store.checkpoints("r1")[10]
+    assert source["path"] == "runs/r1/step_10.safetensors"
+    assert Path(source["absolute_path"]) == (run / "step_10.safetensors").resolve()
+
+    # The recorded absolute path finds the log from here and from any other folder.
+    for folder in (elsewhere, run, tmp_path):
+        monkeypatch.chdir(folder)
+        found = training_metrics(store, "r1")
+        assert found is not None, folder
     assert found["step"].tolist() == [0, 10] and found["train_loss"].tolist() == [2.0, 0.5]
     assert np.isnan(found["val_acc"][1])
-    monkeypatch.chdir(elsewhere)
-    assert training_metrics(store, "r1") is None
-    assert training_metrics(store, "r1", run / "metrics.csv") is not None
+    page = json.loads(
+        invoke("report", store.path, "--out", tmp_path / "rep", "--format", "json")[1]
+    )
+    assert page["runs"][0]["training_log"] == str(log.resolve())
 
-    code, _, error = invoke("rank", "s.zarr", "--metrics", run / "metrics.csv", "--plot", "r.png")
-    assert code == 0, error
-    assert Path("r.png").read_bytes().startswith(PNG)
-    _, _, error = invoke("rank", "s.zarr", "--metrics", "nope.csv")
+    # Runs moved together with the store: the relative path, from the store's folder.
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (tmp_path / "runs").rename(moved / "runs")
+    (elsewhere / "s.zarr").rename(moved / "s.zarr")
+    store = Store.open(moved / "s.zarr")
+    assert training_metrics(store, "r1") is not None
+
+    # No log anywhere: `rank --plot` draws without one and says so on stderr.
+    (moved / "runs" / "r1" / "metrics.csv").rename(tmp_path / "kept.csv")
+    assert training_metrics(store, "r1") is None
+    done = run_spectrum("rank", moved / "s.zarr", "--plot", tmp_path / "r.png")
+    assert done.returncode == 0, done.stderr
+    (note,) = [line for line in done.stderr.splitlines() if line.startswith("note:")]
+    assert note.startswith("note: run r1: no metrics.csv found (looked in ")
+    assert str(moved / "runs" / "r1") in note and "--metrics FILE.csv" in note
+    assert (tmp_path / "r.png").read_bytes().startswith(PNG)
+
+    # A log named on the command line is used as given, with no note.
+    assert training_metrics(store, "r1", tmp_path / "kept.csv") is not None
+    done = run_spectrum(
+        "rank", moved / "s.zarr", "--metrics", tmp_path / "kept.csv", "--plot", tmp_path / "m.png"
+    )
+    assert done.returncode == 0 and "note:" not in done.stderr, done.stderr
+    _, _, error = invoke("rank", moved / "s.zarr", "--metrics", "nope.csv")
     assert isinstance(error, UsageError)
     assert select(store, ["r1"])[0].layers == ["fc.weight"]
 

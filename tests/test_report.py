@@ -5,8 +5,12 @@ from __future__ import annotations
 import base64
 import html
 import json
+import os
+import pty
 import re
 import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +19,8 @@ from typer.testing import CliRunner
 
 from spectrum_cli import __version__
 from spectrum_cli.cli import app
+from spectrum_cli.errors import UsageError
+from spectrum_cli.store import LayerResult, Store
 
 # analyze's in-process Dask scheduler binds the default HTTP port 8787 and warns when another
 # cluster on this machine holds it; that says nothing about the spectra tested here.
@@ -67,14 +73,41 @@ def report_page(tmp_path_factory) -> tuple[Path, Path]:
     store = root.parent / "s.zarr"
     assert analyze(root, store, top_k=8).ok
     out = root.parent / "report"
-    result = CliRunner().invoke(app, ["report", str(store), "--out", str(out)])
+    result = CliRunner().invoke(app, ["report", str(store), "--out", str(out), "--format", "json"])
     assert result.exit_code == 0, result.exception
-    assert result.stdout.strip() == str(out / "index.html")
-    return store, out / "index.html"
+    written = json.loads(result.stdout)
+    assert written["page"] == str(out / "index.html")
+    return store, out / "index.html", written
+
+
+def small_store(path: Path, runs: list[str]) -> Path:
+    """A store of dense runs fc1 (6 × 4) → fc2 (3 × 6) at steps 0 and 10, without logs."""
+    rng = np.random.default_rng(1)
+    with Store.writing(path, top_k=3) as store:
+        for run in runs:
+            store.add_steps(run, [0, 10])
+            for step in (0, 10):
+                results = []
+                for layer, (m, n) in (("fc1.weight", (6, 4)), ("fc2.weight", (3, 6))):
+                    u, sigma, vt = np.linalg.svd(rng.standard_normal((m, n)), full_matrices=False)
+                    results.append(
+                        LayerResult(
+                            layer,
+                            (m, n),
+                            (m, n),
+                            "float32",
+                            "test",
+                            sigma=sigma.astype(np.float32),
+                            u=u[:, :3].astype(np.float32),
+                            v=vt[:3].T.astype(np.float32),
+                        )
+                    )
+                store.write_checkpoint(run, step, results, {"path": f"{run}/step_{step}.pt"})
+    return path
 
 
 def test_report_holds_figures_tables_and_provenance(report_page):
-    store, page = report_page
+    store, page, _ = report_page
     text = page.read_text(encoding="utf-8")
     assert text.startswith("<!doctype html>")
 
@@ -104,9 +137,113 @@ def test_report_holds_figures_tables_and_provenance(report_page):
     assert text.count("<h2 id='run-") == 2
 
 
+def test_report_json_lists_the_page_figures_and_training_logs(report_page):
+    store, page, written = report_page
+    assert written["store"] == str(store)
+    assert [entry["run"] for entry in written["runs"]] == ["seed-1", "seed-2"]
+    seed_1, seed_2 = written["runs"]
+    assert seed_1["training_log"] == str(store.parent / "runs" / "seed-1" / "metrics.csv")
+    assert seed_2["training_log"] is None
+    assert (seed_1["layers"], seed_1["steps"]) == (4, [0, 50, 100])
+    text = page.read_text(encoding="utf-8")
+    for entry in written["runs"]:
+        assert f"<h2 id='{entry['anchor']}'>" in text
+        assert sorted(entry["figures"]) == ["alignment", "rank", "stability"]
+        for path in entry["figures"].values():
+            figure = Path(path)
+            assert figure.parent == page.parent / "figures"
+            assert figure.read_bytes().startswith(b"\x89PNG")
+            # The file is the very image the page embeds.
+            embedded = base64.b64encode(figure.read_bytes()).decode("ascii")
+            assert f"src='data:image/png;base64,{embedded}'" in text
+
+
+def test_runs_whose_names_differ_only_in_separators_get_their_own_figures(tmp_path):
+    store = small_store(tmp_path / "s.zarr", ["a/b", "a_b"])
+    result = CliRunner().invoke(app, ["report", str(store), "--out", str(tmp_path / "rep")])
+    assert result.exit_code == 0, result.exception
+    assert result.stdout.strip() == str(tmp_path / "rep" / "index.html")
+
+    text = (tmp_path / "rep" / "index.html").read_text(encoding="utf-8")
+    anchors = re.findall(r"<h2 id='([^']*)'>", text)
+    assert len(anchors) == 2 and len(set(anchors)) == 2
+    assert all(f"href='#{anchor}'" in text for anchor in anchors)
+    figures = sorted(p.name for p in (tmp_path / "rep" / "figures").iterdir())
+    assert len(figures) == 6 and "a_b-rank.png" in figures
+
+
+@pytest.mark.parametrize("where", ["a file", "/proc/nope"])
+def test_a_bad_output_folder_stops_before_any_work(where, tmp_path, monkeypatch):
+    from spectrum_cli import dynamics
+
+    store = small_store(tmp_path / "s.zarr", ["r"])
+    out = tmp_path / "taken"
+    out.write_text("mine")
+    if where != "a file":
+        out = Path(where)
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the output folder was not checked first")
+
+    monkeypatch.setattr(dynamics, "rank_series", no_work)
+    done = CliRunner().invoke(app, ["report", str(store), "--out", str(out)])
+    assert isinstance(done.exception, UsageError) and done.exception.exit_code == 2
+    assert str(out) in str(done.exception)
+    assert (tmp_path / "taken").read_text() == "mine"
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_report_progress_only_on_a_terminal(quiet, tmp_path):
+    store = small_store(tmp_path / "s.zarr", ["r1", "r2"])
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FORCE_", "TTY_"))}
+    env |= {"TERM": "xterm-256color", "COLUMNS": "100"}
+    flags = ["--quiet"] if quiet else []
+    command = [sys.executable, "-m", "spectrum_cli", *flags, "report", str(store)]
+
+    # stderr is a terminal, stdout a pipe.
+    leader, follower = pty.openpty()
+    chunks: list[bytes] = []
+    reader = threading.Thread(target=_drain, args=(leader, chunks), daemon=True)
+    reader.start()
+    try:
+        done = subprocess.run(
+            [*command, "--out", str(tmp_path / "rep")],
+            stdout=subprocess.PIPE,
+            stderr=follower,
+            env=env,
+            timeout=300,
+            check=False,
+        )
+    finally:
+        os.close(follower)
+        reader.join(timeout=10)
+        os.close(leader)
+    stderr = b"".join(chunks).decode(errors="replace")
+
+    assert done.returncode == 0, stderr
+    assert done.stdout.decode().strip() == str(tmp_path / "rep" / "index.html")
+    if quiet:
+        assert stderr == ""
+    else:
+        assert "report" in stderr and re.search(r"\x1b\[|\r", stderr)
+        assert "note: run r1: no metrics.csv found" in stderr
+
+
+def _drain(fd: int, chunks: list[bytes]) -> None:
+    """Read a pty until its other end closes, so the child never blocks on a full buffer."""
+    while True:
+        try:
+            data = os.read(fd, 4096)
+        except OSError:
+            return
+        if not data:
+            return
+        chunks.append(data)
+
+
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium")
 def test_report_renders_in_a_headless_browser(report_page, tmp_path):
-    _, page = report_page
+    _, page, _ = report_page
     checked = tmp_path / "checked.html"
     checked.write_text(page.read_text().replace("<head>", "<head>" + CHECK, 1))
 

@@ -14,7 +14,15 @@ from typing import Any
 
 import typer
 
-from spectrum_cli.cli.output import Format, console, err_console, print_csv, print_json
+from spectrum_cli.cli.output import (
+    Format,
+    console,
+    err_console,
+    figure_path,
+    print_csv,
+    print_json,
+    show_progress,
+)
 
 _STORE = typer.Argument(Path("spectrum.zarr"), help="The spectra store `spectrum analyze` wrote.")
 _RUNS = typer.Option(None, "--run", "-r", metavar="RUN", help="Only this run (repeat for more).")
@@ -32,7 +40,9 @@ _PLOT = typer.Option(
     None,
     "--plot",
     metavar="FILE.png",
-    help="Also draw a PNG here; with several runs, one file per run (FILE-<run>.png).",
+    callback=figure_path,
+    help="Also draw the figures to this file, as its suffix says (.png, .pdf or .svg); with "
+    "several runs, one file per run (FILE-<run>.png).",
 )
 _TOP = typer.Option(
     None,
@@ -106,14 +116,16 @@ def rank(
         title="effective rank (first, last, min; norm. = last / min(m, n))",
     )
     if plot is not None:
-        from spectrum_cli.dynamics import training_metrics
+        from spectrum_cli.dynamics import missing_log_note, training_metrics
         from spectrum_cli.plots import rank_figure
 
-        _plot(
-            plot,
-            series,
-            lambda run, mine: rank_figure(run, mine, training_metrics(opened, run, metrics)),
-        )
+        def figure(run: str, mine: list) -> Any:
+            training = training_metrics(opened, run, metrics)
+            if training is None and metrics is None:
+                err_console.print(f"note: {missing_log_note(opened, run)}", markup=False)
+            return rank_figure(run, mine, training)
+
+        _plot(plot, series, figure)
 
 
 def stability(
@@ -227,7 +239,7 @@ def report(
         "--out",
         "-o",
         metavar="DIR",
-        help="Folder to write index.html into.",
+        help="Folder to write index.html and figures/ into (created if missing).",
     ),
     metrics: Path = typer.Option(
         None,
@@ -235,19 +247,52 @@ def report(
         metavar="FILE.csv",
         help="Training log to use for every run (default: each run's own metrics.csv).",
     ),
+    output: Format = typer.Option(
+        Format.table,
+        "--format",
+        help="table (the page's path) or json (the page, each run's figures and training log).",
+    ),
 ) -> None:
     """Write one self-contained HTML page of figures and tables for a whole store.
 
     Rank, stability (against the final step) and alignment for every run, with what was
-    analysed and how. Images are embedded, so the page reads offline as one file.
+    analysed and how. Images are embedded, so the page reads offline as one file; each figure
+    is also written as a PNG file in DIR/figures.
     """
+    from dataclasses import asdict
+
     from spectrum_cli.errors import UsageError
     from spectrum_cli.report import write_report
 
+    if output is Format.csv:
+        raise UsageError("--format must be table or json for report, got csv")
     if metrics is not None and not metrics.is_file():
         raise UsageError(f"--metrics {metrics} is not a file; pass a CSV training log")
-    path = write_report(store, out, metrics=metrics)
-    console.print(str(path), markup=False)
+
+    progress = _progress()
+    task = None
+
+    def found(count: int) -> None:
+        nonlocal task
+        if progress is not None:
+            progress.start()
+            task = progress.add_task("report", total=count)
+
+    def done(run: str) -> None:
+        if progress is not None and task is not None:
+            progress.update(task, advance=1, description=f"report: {run}")
+
+    try:
+        written = write_report(store, out, metrics=metrics, on_found=found, on_done=done)
+    finally:
+        if progress is not None:
+            progress.stop()
+    for note in written.notes:
+        err_console.print(f"note: {note}", markup=False)
+    if output is Format.json:
+        print_json(asdict(written))
+    else:
+        console.print(written.page, markup=False)
 
 
 # ---------------------------------------------------------------------------- rendering
@@ -284,35 +329,110 @@ def _emit(
             pad_edge=False,
             padding=(0, 1, 0, 0),
         )
-        for header in headers[1:]:
+        columns = headers[1:]
+        for header in columns:
             name = header in _NAMES
             summary.add_column(
                 header, justify="left" if name else "right", overflow="fold", no_wrap=not name
             )
-        for i, line in enumerate(table):
+
+        # Names break after their separators, in the width the numbers leave them.
+        cells = [(f"  {line[1]}", *line[2:]) for line in table]
+        heads = [line[0] for line in table]
+        widths = _name_widths(columns, cells, heads, console.width)
+        for i, (line, row) in enumerate(zip(table, cells, strict=True)):
             # A line naming the run heads its layers; a blank line ends them.
             if i == 0 or table[i - 1][0] != line[0]:
-                summary.add_row(Text(line[0], style="bold"))
+                summary.add_row(Text(_fold(line[0], widths[0]), style="bold"))
             last_of_run = i + 1 == len(table) or table[i + 1][0] != line[0]
-            summary.add_row(f"  {line[1]}", *line[2:], end_section=last_of_run)
+            folded = [
+                _fold(cell, widths[j], "    " if j == 0 else "  ") if j in widths else cell
+                for j, cell in enumerate(row)
+            ]
+            summary.add_row(*folded, end_section=last_of_run)
         console.print(summary)
 
 
+#: Where a run or layer name may break: after any of these characters.
+_SEPARATORS = re.compile(r"[^/._:\-]+[/._:\-]*|[/._:\-]+")
+
+
+def _name_widths(
+    columns: tuple[str, ...], cells: list[tuple[str, ...]], heads: list[str], width: int
+) -> dict[int, int]:
+    """The width each name column gets: what the other columns leave, shared out fairly.
+
+    A name column narrower than its share keeps its own width and leaves the rest to the
+    others. The table has a space at each edge, and a padding space and a divider between
+    columns (``box.SIMPLE_HEAD``, no edge padding).
+    """
+    from rich.cells import cell_len
+
+    def natural(j: int) -> int:
+        texts = [row[j] for row in cells] + (heads if j == 0 else [])
+        return max([cell_len(columns[j]), *(cell_len(text) for text in texts)])
+
+    names = [j for j, header in enumerate(columns) if header in _NAMES]
+    numbers = sum(natural(j) for j, header in enumerate(columns) if header not in _NAMES)
+    free = width - 2 - 2 * (len(columns) - 1) - numbers
+    widths: dict[int, int] = {}
+    for j in sorted(names, key=natural):
+        share = max(free // (len(names) - len(widths)), 8)
+        widths[j] = min(natural(j), share)
+        free -= widths[j]
+    return widths
+
+
+def _fold(name: str, width: int, indent: str = "") -> str:
+    """``name`` in lines of at most ``width`` cells, broken after ``/ . _ - :`` where it can be.
+
+    Lines after the first start with ``indent``; a piece longer than a whole line is cut.
+    """
+    from rich.cells import cell_len
+
+    lines = [""]
+    for piece in _SEPARATORS.findall(name):
+        if lines[-1].strip() and cell_len(lines[-1] + piece) > width:
+            lines.append(indent)
+        lines[-1] += piece
+        while cell_len(lines[-1]) > width > cell_len(indent) + 1:
+            # Cut a piece that fills more than a line: as many cells as fit.
+            line, cut = lines[-1], width
+            while cell_len(line[:cut]) > width:
+                cut -= 1
+            lines[-1:] = [line[:cut], indent + line[cut:]]
+    return "\n".join(lines)
+
+
 def _plot(plot: Path, series: list, figure_of) -> None:
-    """Draw one figure per run: to ``plot`` itself for one run, else ``plot``-<run>.png."""
-    from spectrum_cli.plots import save_png
+    """Draw one figure per run: to ``plot`` itself for one run, else ``plot``-<run>.<suffix>."""
+    from spectrum_cli.plots import run_slug, save_figure
 
     by_run: dict[str, list] = {}
     for one in series:
         by_run.setdefault(one.run, []).append(one)
     for run, mine in by_run.items():
-        path = plot if len(by_run) == 1 else plot.with_name(f"{plot.stem}-{_slug(run)}.png")
-        save_png(figure_of(run, mine), path)
+        path = plot
+        if len(by_run) > 1:
+            path = plot.with_name(f"{plot.stem}-{run_slug(run)}{plot.suffix}")
+        save_figure(figure_of(run, mine), path)
         err_console.print(f"wrote {path}", markup=False)
 
 
-def _slug(run: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", run).strip("_") or "run"
+def _progress():
+    """A progress bar on stderr, or None when stderr is no terminal or --quiet was given."""
+    if not show_progress():
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    return Progress(
+        "{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+    )
 
 
 def _span(steps) -> str:

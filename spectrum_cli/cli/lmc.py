@@ -10,7 +10,14 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from spectrum_cli.cli.output import Format, console, err_console, print_csv, print_json
+from spectrum_cli.cli.output import (
+    Format,
+    console,
+    err_console,
+    figure_path,
+    print_csv,
+    print_json,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -83,7 +90,12 @@ def lmc(
     ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     output: Format = typer.Option(Format.table, "--format", help="table, csv or json."),
-    plot: Path = typer.Option(None, "--plot", help="Also draw the curves to this image file."),
+    plot: Path = typer.Option(
+        None,
+        "--plot",
+        callback=figure_path,
+        help="Also draw the curves to this image file: .png, .pdf or .svg, as its suffix says.",
+    ),
 ) -> None:
     """Measure the loss barrier on the straight line between two checkpoints.
 
@@ -185,7 +197,7 @@ def _evaluator(
 
 
 def _plot(report: ConnectivityReport, path: Path) -> None:
-    from spectrum_cli.plots import interpolation_figure, save_png
+    from spectrum_cli.plots import interpolation_figure, save_figure
 
     curves: dict[str, Sequence[float]] = {"loss": report.loss}
     barriers = {"loss": (report.loss_barrier.height, report.loss_barrier.alpha)}
@@ -197,7 +209,7 @@ def _plot(report: ConnectivityReport, path: Path) -> None:
     a, b = Path(report.a).absolute(), Path(report.b).absolute()
     common = Path(os.path.commonpath([a.parent, b.parent])).parent
     title = f"{a.relative_to(common)} → {b.relative_to(common)}, split {report.split}"
-    save_png(interpolation_figure(title, report.alphas, curves, barriers, agreements), path)
+    save_figure(interpolation_figure(title, report.alphas, curves, barriers, agreements), path)
     err_console.print(f"wrote {path}", markup=False)
 
 

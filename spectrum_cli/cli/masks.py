@@ -9,7 +9,14 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from spectrum_cli.cli.output import Format, console, err_console, print_csv, print_json
+from spectrum_cli.cli.output import (
+    Format,
+    console,
+    err_console,
+    figure_path,
+    print_csv,
+    print_json,
+)
 
 if TYPE_CHECKING:
     from spectrum_cli.masks import LayerMaskReport, MaskedWeights
@@ -72,7 +79,12 @@ def masks(
         help="Over training: a store holding both runs; without it each run is analysed afresh.",
     ),
     output: Format = typer.Option(Format.table, "--format", help="table, csv or json."),
-    plot: Path = typer.Option(None, "--plot", help="Also draw the result to this image file."),
+    plot: Path = typer.Option(
+        None,
+        "--plot",
+        callback=figure_path,
+        help="Also draw the result to this image file: .png, .pdf or .svg, as its suffix says.",
+    ),
 ) -> None:
     """Compare lottery-ticket masks with the top singular directions of the weights.
 
@@ -155,9 +167,9 @@ def _one_checkpoint(
     )
     reports = compare_masks(masked, seed=seed)
     if plot is not None:
-        from spectrum_cli.plots import mask_overlap_figure, save_png
+        from spectrum_cli.plots import mask_overlap_figure, save_figure
 
-        save_png(mask_overlap_figure(f"{checkpoint.name}: {masked.source}", reports), plot)
+        save_figure(mask_overlap_figure(f"{checkpoint.name}: {masked.source}", reports), plot)
         err_console.print(f"wrote {plot}", markup=False)
 
     if output is Format.json:
@@ -245,9 +257,9 @@ def _over_training(
         err_console.print("no --store given: analysing both runs into a temporary store")
     rows = compare_runs(dense_run, masked_run, store)
     if plot is not None:
-        from spectrum_cli.plots import masked_agreement_figure, save_png
+        from spectrum_cli.plots import masked_agreement_figure, save_figure
 
-        save_png(masked_agreement_figure(f"{dense_run} against {masked_run}", rows), plot)
+        save_figure(masked_agreement_figure(f"{dense_run} against {masked_run}", rows), plot)
         err_console.print(f"wrote {plot}", markup=False)
 
     if output is Format.json:

@@ -8,6 +8,7 @@ import json
 import math
 import sys
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -45,6 +46,22 @@ def print_csv(rows: list[dict[str, Any]]) -> None:
     writer.writeheader()
     writer.writerows(rows)
     sys.stdout.write(buffer.getvalue())
+
+
+def figure_path(value: Path | None) -> Path | None:
+    """The ``--plot`` callback: check, before any work, that the figure file can be written.
+
+    The suffix names the format (png, pdf or svg); the folder is created if missing.
+    """
+    if value is None:
+        return None
+    from spectrum_cli.errors import UsageError
+    from spectrum_cli.plots import check_figure_path
+
+    try:
+        return check_figure_path(value)
+    except UsageError as error:
+        raise UsageError(f"--plot {value}: {error}") from None
 
 
 def show_progress() -> bool:
