@@ -1,8 +1,10 @@
 """A killed ``spectrum analyze`` loses only the work in flight: the next run completes the store.
 
-The slow tests run analyze in a subprocess, kill it with SIGKILL part-way (no handler runs, no
-file is closed), run it again and compare the store with the one an uninterrupted run writes.
-The others build, by hand, the states a kill can leave between two writes.
+The slow tests kill with SIGKILL (no handler runs, no file is closed) a subprocess that runs
+analyze, or one that makes the store writes analyze makes with the spectra an uninterrupted
+run stored (so that, started in a fraction of the time, it can be killed many times), run
+analyze again and compare the store with the one an uninterrupted run writes. The others build,
+by hand, the states a kill can leave between two writes.
 """
 
 from __future__ import annotations
@@ -167,6 +169,98 @@ def test_kills_at_random_points_never_corrupt_the_store(runs, reference, tmp_pat
     assert done.returncode == 0, done.stderr
     assert mid_write > 0, "no kill landed while a checkpoint was being written"
     assert_same_store(store, reference_store)
+    assert not list(store.rglob("*.partial"))
+
+
+# The store writes `analyze` makes (every step's rows allocated, then each checkpoint not yet
+# done written, in step order, as one worker does), with made-up spectra that depend only on
+# the step: without torch or Dask it starts in a fraction of the time, to be killed many times.
+_WRITER = """
+import sys
+
+import numpy as np
+
+from spectrum_cli.store import LayerResult, Store
+
+path, steps = sys.argv[1], list(range(0, 100 * int(sys.argv[2]), 100))
+print("ready", flush=True)
+with Store.writing(path, top_k=32) as store:
+    store.add_steps("run", steps)
+    done = set(store.done_steps("run"))
+    for step in steps:
+        if step in done:
+            continue
+        rng = np.random.default_rng(step)
+        results = [
+            LayerResult(
+                f"layers.{i}.weight", (64, 48), (64, 48), "float32", "as stored (out x in)",
+                sigma=np.sort(rng.random(48, dtype=np.float32))[::-1],
+                u=rng.random((64, 32), dtype=np.float32),
+                v=rng.random((48, 32), dtype=np.float32),
+            )
+            for i in range(16)
+        ]
+        store.write_checkpoint("run", step, results, {"path": f"run/step_{step}.pt"})
+"""
+WRITER_STEPS = 30
+
+
+def _start_writer(store: Path) -> subprocess.Popen:
+    """Start the writer; return once its imports are done and it is about to write."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, store, str(WRITER_STEPS)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    assert process.stdout.readline() == "ready\n", process.communicate()[1]
+    return process
+
+
+@pytest.mark.slow
+def test_twenty_kills_at_random_points_of_the_writes_never_corrupt_the_store(tmp_path):
+    # An uninterrupted writer's store, and how long its first and later checkpoints take.
+    reference = tmp_path / "reference.zarr"
+    process = _start_writer(reference)
+    started, seen = time.monotonic(), {}
+    while process.poll() is None:
+        seen.setdefault(len(_done_steps(reference)), time.monotonic() - started)
+        time.sleep(0.002)
+    _, errors = process.communicate()
+    assert process.returncode == 0, errors
+    first = min(t for n, t in seen.items() if n > 0)
+    each = (max(seen.values()) - first) / (WRITER_STEPS - 1)
+
+    # Kills in the store's creation (first while nothing is done), then in the opening of the
+    # store and the allocation of rows, or at a random moment of the checkpoint after the next.
+    store = tmp_path / "s.zarr"
+    rng = random.Random(20240812)
+    alive = mid_write = 0
+    for kill in range(20):
+        before = assert_consistent(store)
+        process = _start_writer(store)
+        if kill < 4:
+            time.sleep(rng.uniform(0, first))
+        elif kill % 4 == 0:
+            time.sleep(rng.uniform(0, each))
+        else:
+            while len(_done_steps(store)) <= before and process.poll() is None:
+                time.sleep(0.001)
+            time.sleep(rng.uniform(0, each))
+        alive += process.poll() is None
+        _kill(process)
+        process.stdout.close()
+        assert assert_consistent(store) >= before
+        if (store / "run" / "zarr.json").exists():
+            mid_write += _rows_of_unfinished_checkpoints(store) > 0
+
+    process = _start_writer(store)
+    _, errors = process.communicate()
+    assert process.returncode == 0, errors
+    assert alive >= 18, "the writer finished before most kills"
+    assert mid_write > 0, "no kill landed while a checkpoint was being written"
+    assert_same_store(store, reference)
     assert not list(store.rglob("*.partial"))
 
 
