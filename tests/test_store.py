@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_cli, store_contents
 
 from spectrum_cli.errors import StoreError
 from spectrum_cli.store import DONE, FAILED, NOT_COMPUTED, LayerResult, Store
+
+# Every metadata document of a small store, as it must stay: regenerate it deliberately, with
+# SPECTRUM_UPDATE_GOLDEN=1, only when the format changes (and its version with it).
+GOLDEN = Path(__file__).parent / "golden" / "store_format_1.json"
 
 
 def result(layer: str, m: int, n: int, k: int, fill: float = 1.0, **extra) -> LayerResult:
@@ -48,6 +57,20 @@ def test_layout_is_format_one(tmp_path):
     for name, (dtype, shape, dims) in expected.items():
         meta = json.loads((path / "runA" / "fc.weight" / name / "zarr.json").read_text())
         assert (meta["data_type"], meta["shape"], meta["dimension_names"]) == (dtype, shape, dims)
+
+    # And every document whole, the tool's version aside, against the checked-in copy.
+    documents = {
+        node.relative_to(path).as_posix(): json.loads(node.read_text())
+        for node in sorted(path.rglob("zarr.json"))
+    }
+    documents["zarr.json"]["attributes"]["spectrum_version"] = "<any>"
+    if os.environ.get("SPECTRUM_UPDATE_GOLDEN"):
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(json.dumps(documents, indent=2, ensure_ascii=False) + "\n")
+    golden = json.loads(GOLDEN.read_text())
+    assert list(documents) == list(golden)
+    for name, document in golden.items():
+        assert documents[name] == document, f"{name} differs from {GOLDEN.name}"
 
 
 def test_read_returns_done_rows_sorted_by_step(tmp_path):
@@ -144,11 +167,52 @@ def test_a_store_that_cannot_be_used_stops_with_exit_code_two(tmp_path):
     assert raised.value.exit_code == 2
 
 
-def test_second_writer_stops_with_a_clear_message(tmp_path):
+# The first writer, in a process of its own: it holds the store until its stdin closes.
+_HOLDER = """
+import sys
+
+from spectrum_cli.store import Store
+
+with Store.writing(sys.argv[1], top_k=32) as store:
+    store.add_steps("held", [0])
+    print("holding", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_a_second_writer_in_another_process_stops_with_a_clear_message(tmp_path):
     path = tmp_path / "s.zarr"
-    with (
-        Store.writing(path, top_k=2),
-        pytest.raises(StoreError, match="another spectrum process"),
-        Store.writing(path, top_k=2),
-    ):
-        pass
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, path],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline() == "holding\n"
+        with (
+            pytest.raises(StoreError, match="being written by another spectrum process"),
+            Store.writing(path, top_k=32),
+        ):
+            pass
+    finally:
+        holder.communicate(timeout=60)
+    assert holder.returncode == 0
+    assert Store.open(path).runs() == ["held"]
+
+
+def test_analyze_stops_while_another_process_writes_the_store(make_run, tmp_path):
+    root = make_run("a", [0, 1])
+    path = tmp_path / "s.zarr"
+    with Store.writing(path, top_k=32) as store:
+        store.add_steps("held", [0])
+        before = store_contents(path)
+
+        # A second writer: a whole `spectrum analyze` in another process.
+        done = run_cli("analyze", root, "--store", path)
+
+        assert (done.returncode, done.stdout) == (2, "")
+        (line,) = done.stderr.splitlines()
+        assert line.startswith(f"error: {path} is being written by another spectrum process")
+        assert line.endswith("wait for it to finish or pass another --store")
+        assert store_contents(path) == before
