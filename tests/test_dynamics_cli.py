@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from spectrum_cli.cli import app
@@ -211,6 +213,28 @@ def test_summary_tables_fit_an_80_column_terminal(command, tmp_path):
         line.split()[0] for line in lines if line.split() and layer.startswith(line.split()[0])
     ]
     assert firsts and all(first[-1] in "/._-:" or first == layer for first in firsts), lines
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    name=st.text(alphabet="ab/._-:x漢 ", min_size=1, max_size=60),
+    width=st.integers(2, 30),
+    indent=st.sampled_from(["", "  ", "    "]),
+)
+def test_names_fold_whole_within_the_width(name, width, indent):
+    from rich.cells import cell_len
+
+    from spectrum_cli.cli.dynamics import _fold
+
+    lines = _fold(name, width, indent).split("\n")
+    kept = indent if width > len(indent) + 1 else ""
+    assert all(line.startswith(kept) for line in lines[1:])
+    assert lines[0] + "".join(line[len(kept) :] for line in lines[1:]) == name
+    assert all(cell_len(line) <= width for line in lines)
+    # A line ends elsewhere than after a separator only when it is full.
+    for line, after in pairwise(lines):
+        if line[-1] not in "/._-:":
+            assert cell_len(line + after[len(kept)]) > width, lines
 
 
 def test_rank_reads_singular_values_only(known_store, monkeypatch):

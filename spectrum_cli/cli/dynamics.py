@@ -390,16 +390,21 @@ def _fold(name: str, width: int, indent: str = "") -> str:
     """
     from rich.cells import cell_len
 
+    indent = indent if width > cell_len(indent) + 1 else ""
     lines = [""]
     for piece in _SEPARATORS.findall(name):
         if lines[-1].strip() and cell_len(lines[-1] + piece) > width:
             lines.append(indent)
         lines[-1] += piece
-        while cell_len(lines[-1]) > width > cell_len(indent) + 1:
-            # Cut a piece that fills more than a line: as many cells as fit.
-            line, cut = lines[-1], width
-            while cell_len(line[:cut]) > width:
+        while cell_len(lines[-1]) > width:
+            # Cut a piece that fills more than a line: as many characters as fit.
+            line = lines[-1]
+            start = len(indent) if len(lines) > 1 else 0
+            cut = len(line)
+            while cut > start + 1 and cell_len(line[:cut]) > width:
                 cut -= 1
+            if cut == len(line):
+                break
             lines[-1:] = [line[:cut], indent + line[cut:]]
     return "\n".join(lines)
 
