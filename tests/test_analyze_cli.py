@@ -290,3 +290,25 @@ def test_help_is_fast_to_import():
     )
     loaded = set(json.loads(done.stdout))
     assert not loaded & {"torch", "zarr", "distributed", "dask"}
+
+
+def test_the_readme_says_what_each_kind_of_bad_input_does():
+    from spectrum_cli.errors import StoreError, UsageError
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("### Bad inputs and what happens\n")[1].split("\n#")[0]
+    rows = [line.strip("|").split(" | ") for line in section.splitlines() if line.startswith("| ")]
+    header, _, *rows = rows
+    exits = {row[0].split(":")[0].strip(): row[-1].strip() for row in rows}
+
+    assert [cell.strip() for cell in header] == ["input", "what `analyze` does", "exit"]
+    assert list(exits) == [
+        "Unreadable files",
+        "Untrusted pickles",
+        "Numerics",
+        "Inconsistent runs",
+        "The store",
+        "The command line",
+    ]
+    assert exits["The store"].startswith(f"{StoreError.exit_code};")
+    assert exits["The command line"] == str(UsageError.exit_code)
