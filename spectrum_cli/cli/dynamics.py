@@ -21,7 +21,7 @@ from spectrum_cli.cli.output import (
     figure_path,
     print_csv,
     print_json,
-    show_progress,
+    progress_bar,
 )
 
 _STORE = typer.Argument(Path("spectrum.zarr"), help="The spectra store `spectrum analyze` wrote.")
@@ -269,7 +269,7 @@ def report(
     if metrics is not None and not metrics.is_file():
         raise UsageError(f"--metrics {metrics} is not a file; pass a CSV training log")
 
-    progress = _progress()
+    progress = progress_bar()
     task = None
 
     def found(count: int) -> None:
@@ -422,22 +422,6 @@ def _plot(plot: Path, series: list, figure_of) -> None:
             path = plot.with_name(f"{plot.stem}-{run_slug(run)}{plot.suffix}")
         save_figure(figure_of(run, mine), path)
         err_console.print(f"wrote {path}", markup=False)
-
-
-def _progress():
-    """A progress bar on stderr, or None when stderr is no terminal or --quiet was given."""
-    if not show_progress():
-        return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-    return Progress(
-        "{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err_console,
-        transient=True,
-    )
 
 
 def _span(steps) -> str:

@@ -69,6 +69,25 @@ def show_progress() -> bool:
     return err_console.is_terminal and not err_console.quiet
 
 
+def progress_bar() -> Any:
+    """A rich progress bar on stderr, or None where :func:`show_progress` says not to show one.
+
+    The caller starts it once it knows the total and stops it when done; it leaves no trace.
+    """
+    if not show_progress():
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    return Progress(
+        "{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+    )
+
+
 def _finite(value: Any) -> Any:
     """A copy of plain data with numpy values made plain and non-finite floats made None."""
     if isinstance(value, float):
