@@ -263,15 +263,17 @@ def _run_tasks(
         return
     from distributed import Client, LocalCluster, as_completed
 
-    cluster = None
+    # One BLAS thread per task: the Gram matrices and tridiagonal reductions of weight-sized
+    # matrices gain nothing from a second thread, and lose much when tasks share cores
+    # (benchmarks/bench_analyze.py, part "threads"); parallelism comes from the workers.
     threads = 1
+    cluster = None
     if client is None:
         # Small jobs, and a single checkpoint (one task, nothing to run beside it), run on
         # worker threads in this process: no worker start-up to pay for.
         cores = os.cpu_count() or 1
         small = len(todo) == 1 or sum(_size(c) for c in todo) < SMALL_JOB_BYTES
         n_workers = max(1, min(workers or cores, len(todo)))
-        threads = max(1, cores // n_workers)
         # No dashboard; the scheduler's HTTP server (which it starts regardless) takes any free
         # port on the loopback rather than 8787, which another Dask process may hold.
         cluster = LocalCluster(
