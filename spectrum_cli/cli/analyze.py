@@ -16,7 +16,7 @@ from spectrum_cli.cli.output import (
     error_console,
     print_csv,
     print_json,
-    show_progress,
+    progress_bar,
 )
 
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -53,7 +53,7 @@ def analyze(
     if not checkpoints.exists():
         raise UsageError(f"{checkpoints} does not exist; pass a folder of checkpoints or a file")
 
-    progress = _progress()
+    progress = progress_bar()
     task = None
 
     def found(count: int) -> None:
@@ -161,21 +161,6 @@ def ls(
                 str(row["failed"]),
             )
     console.print(table)
-
-
-def _progress():
-    if not show_progress():
-        return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-    return Progress(
-        "{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err_console,
-        transient=True,
-    )
 
 
 def _cell(value: object) -> object:
