@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REAL
 from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import save_file
@@ -27,8 +28,6 @@ from spectrum_cli.checkpoints import (
     step_from_name,
 )
 from spectrum_cli.errors import CheckpointError, UsageError
-
-REAL = Path(__file__).parents[1].parent / "shared" / "real"
 
 
 def _weights(seed: int = 0, dtype: torch.dtype = torch.float32) -> OrderedDict[str, torch.Tensor]:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REAL
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
@@ -32,7 +33,7 @@ from spectrum_cli.store import LayerResult, Store
 # cluster on this machine holds it; that says nothing about the spectra tested here.
 pytestmark = pytest.mark.filterwarnings("ignore:Port 8787 is already in use:UserWarning")
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "real" / "mnist-two-seeds"
+MNIST = REAL / "mnist-two-seeds"
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -534,12 +535,12 @@ def test_training_metrics_are_found_from_any_folder(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def mnist_store(tmp_path_factory) -> Path:
-    if not REAL.is_dir():
-        pytest.skip(f"{REAL} is not here")
+    if not MNIST.is_dir():
+        pytest.skip(f"{MNIST} is not here")
     from spectrum_cli.analysis import analyze
 
     store = tmp_path_factory.mktemp("mnist") / "mnist.zarr"
-    summary = analyze(REAL, store, top_k=16)
+    summary = analyze(MNIST, store, top_k=16)
     assert summary.ok
     return store
 
