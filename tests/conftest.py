@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import subprocess
 import sys
+import threading
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -99,6 +101,45 @@ def run_cli(*args: str | Path, **kwargs) -> subprocess.CompletedProcess[str]:
 
 # Variables that make rich treat a pipe as a terminal.
 _TERMINAL_VARIABLES = ("FORCE_COLOR", "FORCE_TERMINAL", "TTY_COMPATIBLE", "TTY_INTERACTIVE")
+
+
+def run_cli_on_a_terminal(*args: str | Path) -> tuple[subprocess.CompletedProcess[bytes], str]:
+    """Run ``python -m spectrum_cli ARGS`` with stderr on a pseudo-terminal, stdout a pipe.
+
+    Returns the finished process (its stdout as bytes) and all it wrote to the terminal.
+    """
+    env = {k: v for k, v in os.environ.items() if k not in _TERMINAL_VARIABLES}
+    env |= {"TERM": "xterm-256color", "COLUMNS": "100"}
+    leader, follower = pty.openpty()
+    chunks: list[bytes] = []
+    reader = threading.Thread(target=_drain, args=(leader, chunks), daemon=True)
+    reader.start()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "spectrum_cli", *map(str, args)],
+            stdout=subprocess.PIPE,
+            stderr=follower,
+            env=env,
+            timeout=300,
+            check=False,
+        )
+    finally:
+        os.close(follower)
+        reader.join(timeout=10)
+        os.close(leader)
+    return done, b"".join(chunks).decode(errors="replace")
+
+
+def _drain(fd: int, chunks: list[bytes]) -> None:
+    """Read a pty until its other end closes, so the child never blocks on a full buffer."""
+    while True:
+        try:
+            data = os.read(fd, 4096)
+        except OSError:
+            return
+        if not data:
+            return
+        chunks.append(data)
 
 
 def store_contents(path: Path) -> dict[str, object]:

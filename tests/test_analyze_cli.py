@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
-import pty
 import re
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import _TERMINAL_VARIABLES, run_cli, save_checkpoint, tiny_weights
+from conftest import (
+    _TERMINAL_VARIABLES,
+    run_cli,
+    run_cli_on_a_terminal,
+    save_checkpoint,
+    tiny_weights,
+)
 
 from spectrum_cli.cli import main
 from spectrum_cli.store import Store
@@ -231,30 +234,9 @@ def test_piped_subprocess_shows_no_progress(make_run, tmp_path):
 @pytest.mark.parametrize("quiet", [False, True])
 def test_progress_only_on_a_terminal_and_never_on_stdout(make_run, tmp_path, quiet):
     root = make_run("a", list(range(6)))
-    env = {k: v for k, v in os.environ.items() if k not in _TERMINAL_VARIABLES}
-    env |= {"TERM": "xterm-256color", "COLUMNS": "100"}
     flags = ["--quiet"] if quiet else []
-    command = [sys.executable, "-m", "spectrum_cli", *flags, "analyze", str(root)]
 
-    # stderr is a terminal, stdout a pipe.
-    leader, follower = pty.openpty()
-    chunks: list[bytes] = []
-    reader = threading.Thread(target=_drain, args=(leader, chunks), daemon=True)
-    reader.start()
-    try:
-        done = subprocess.run(
-            [*command, "--store", str(tmp_path / "s.zarr")],
-            stdout=subprocess.PIPE,
-            stderr=follower,
-            env=env,
-            timeout=300,
-            check=False,
-        )
-    finally:
-        os.close(follower)
-        reader.join(timeout=10)
-        os.close(leader)
-    stderr = b"".join(chunks).decode(errors="replace")
+    done, stderr = run_cli_on_a_terminal(*flags, "analyze", root, "--store", tmp_path / "s.zarr")
 
     assert done.returncode == 0, stderr
     assert done.stdout.decode().startswith("1 runs, 6 checkpoints")
@@ -263,18 +245,6 @@ def test_progress_only_on_a_terminal_and_never_on_stdout(make_run, tmp_path, qui
         assert stderr == ""
     else:
         assert "decomposing" in stderr and CONTROL.search(stderr)
-
-
-def _drain(fd: int, chunks: list[bytes]) -> None:
-    """Read a pty until its other end closes, so the child never blocks on a full buffer."""
-    while True:
-        try:
-            data = os.read(fd, 4096)
-        except OSError:
-            return
-        if not data:
-            return
-        chunks.append(data)
 
 
 def test_help_is_fast_to_import():

@@ -5,16 +5,13 @@ from __future__ import annotations
 import base64
 import html
 import json
-import os
-import pty
 import re
 import subprocess
-import sys
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_cli_on_a_terminal
 from typer.testing import CliRunner
 
 from spectrum_cli import __version__
@@ -195,30 +192,9 @@ def test_a_bad_output_folder_stops_before_any_work(where, tmp_path, monkeypatch)
 @pytest.mark.parametrize("quiet", [False, True])
 def test_report_progress_only_on_a_terminal(quiet, tmp_path):
     store = small_store(tmp_path / "s.zarr", ["r1", "r2"])
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FORCE_", "TTY_"))}
-    env |= {"TERM": "xterm-256color", "COLUMNS": "100"}
     flags = ["--quiet"] if quiet else []
-    command = [sys.executable, "-m", "spectrum_cli", *flags, "report", str(store)]
 
-    # stderr is a terminal, stdout a pipe.
-    leader, follower = pty.openpty()
-    chunks: list[bytes] = []
-    reader = threading.Thread(target=_drain, args=(leader, chunks), daemon=True)
-    reader.start()
-    try:
-        done = subprocess.run(
-            [*command, "--out", str(tmp_path / "rep")],
-            stdout=subprocess.PIPE,
-            stderr=follower,
-            env=env,
-            timeout=300,
-            check=False,
-        )
-    finally:
-        os.close(follower)
-        reader.join(timeout=10)
-        os.close(leader)
-    stderr = b"".join(chunks).decode(errors="replace")
+    done, stderr = run_cli_on_a_terminal(*flags, "report", store, "--out", tmp_path / "rep")
 
     assert done.returncode == 0, stderr
     assert done.stdout.decode().strip() == str(tmp_path / "rep" / "index.html")
@@ -227,18 +203,6 @@ def test_report_progress_only_on_a_terminal(quiet, tmp_path):
     else:
         assert "report" in stderr and re.search(r"\x1b\[|\r", stderr)
         assert "note: run r1: no metrics.csv found" in stderr
-
-
-def _drain(fd: int, chunks: list[bytes]) -> None:
-    """Read a pty until its other end closes, so the child never blocks on a full buffer."""
-    while True:
-        try:
-            data = os.read(fd, 4096)
-        except OSError:
-            return
-        if not data:
-            return
-        chunks.append(data)
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium")
