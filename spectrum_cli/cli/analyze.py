@@ -16,7 +16,7 @@ from spectrum_cli.cli.output import (
     error_console,
     print_csv,
     print_json,
-    progress_bar,
+    progress,
 )
 
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -53,20 +53,7 @@ def analyze(
     if not checkpoints.exists():
         raise UsageError(f"{checkpoints} does not exist; pass a folder of checkpoints or a file")
 
-    progress = progress_bar()
-    task = None
-
-    def found(count: int) -> None:
-        nonlocal task
-        if progress is not None:
-            progress.start()
-            task = progress.add_task("decomposing", total=count)
-
-    def done(_checkpoint: object) -> None:
-        if progress is not None and task is not None:
-            progress.advance(task)
-
-    try:
+    with progress("decomposing") as (found, done):
         summary = run_analysis(
             checkpoints,
             store,
@@ -77,9 +64,6 @@ def analyze(
             on_found=found,
             on_done=done,
         )
-    finally:
-        if progress is not None:
-            progress.stop()
 
     for note in summary.notes:
         err_console.print(f"note: {note}", markup=False)

@@ -21,7 +21,7 @@ from spectrum_cli.cli.output import (
     figure_path,
     print_csv,
     print_json,
-    progress_bar,
+    progress,
 )
 
 _STORE = typer.Argument(Path("spectrum.zarr"), help="The spectra store `spectrum analyze` wrote.")
@@ -269,24 +269,8 @@ def report(
     if metrics is not None and not metrics.is_file():
         raise UsageError(f"--metrics {metrics} is not a file; pass a CSV training log")
 
-    progress = progress_bar()
-    task = None
-
-    def found(count: int) -> None:
-        nonlocal task
-        if progress is not None:
-            progress.start()
-            task = progress.add_task("report", total=count)
-
-    def done(run: str) -> None:
-        if progress is not None and task is not None:
-            progress.update(task, advance=1, description=f"report: {run}")
-
-    try:
+    with progress("report", label=True) as (found, done):
         written = write_report(store, out, metrics=metrics, on_found=found, on_done=done)
-    finally:
-        if progress is not None:
-            progress.stop()
     for note in written.notes:
         err_console.print(f"note: {note}", markup=False)
     if output is Format.json:

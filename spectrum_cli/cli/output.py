@@ -7,6 +7,8 @@ import io
 import json
 import math
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -69,23 +71,44 @@ def show_progress() -> bool:
     return err_console.is_terminal and not err_console.quiet
 
 
-def progress_bar() -> Any:
-    """A rich progress bar on stderr, or None where :func:`show_progress` says not to show one.
+@contextmanager
+def progress(description: str, *, label: bool = False) -> Iterator[tuple[Any, Any]]:
+    """Callbacks that drive a progress bar on stderr, where :func:`show_progress` allows one.
 
-    The caller starts it once it knows the total and stops it when done; it leaves no trace.
+    Yields ``found(total)``, called once the number of items is known, and ``done(item)``,
+    called as each finishes; with ``label`` the bar names the last item done. The bar leaves
+    no trace when the block ends.
     """
-    if not show_progress():
-        return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+    bar = None
+    if show_progress():
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    return Progress(
-        "{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err_console,
-        transient=True,
-    )
+        bar = Progress(
+            "{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=err_console,
+            transient=True,
+        )
+    task = None
+
+    def found(total: int) -> None:
+        nonlocal task
+        if bar is not None:
+            bar.start()
+            task = bar.add_task(description, total=total)
+
+    def done(item: object) -> None:
+        if bar is not None and task is not None:
+            text = f"{description}: {item}" if label else description
+            bar.update(task, advance=1, description=text)
+
+    try:
+        yield found, done
+    finally:
+        if bar is not None:
+            bar.stop()
 
 
 def _finite(value: Any) -> Any:
