@@ -68,8 +68,8 @@ def decompose_checkpoint(path: str, top_k: int, device: str, threads: int) -> Ch
 
     from spectrum_cli.spectra import resolve_device
 
-    # Each task uses ``threads`` cores for torch and for the BLAS under SciPy alike: workers
-    # times threads is the core count, so the two never compete for cores.
+    # Torch and the BLAS under SciPy both keep to ``threads`` cores, so neither oversubscribes
+    # the cores that other tasks use.
     torch.set_num_threads(threads)
     with threadpool_limits(limits=threads):
         return _decompose_checkpoint(Path(path), top_k, resolve_device(device))
@@ -180,9 +180,7 @@ def analyze(
     ------
     UsageError
         When ``root`` holds no checkpoint, ``device`` does not exist here, or ``scheduler`` is
-        not an address.
-    UsageError
-        Also when the scheduler cannot be reached: nothing was done.
+        not an address or cannot be reached (nothing was done).
     StoreError
         When the store is locked by another writer, not a spectra store, or keeps another
         number of singular vectors.
