@@ -112,9 +112,7 @@ def _decompose_checkpoint(path: Path, top_k: int, target: Any) -> CheckpointOutc
 
 
 def _decompose_group(group: list, top_k: int, device: Any, budget: int = 256 << 20) -> dict:
-    """Decompose same-shaped matrices in batches that fit a memory budget (float64 bytes)."""
-    import torch
-
+    """Decompose same-shaped finite matrices in batches that fit a memory budget (float64)."""
     from spectrum_cli.spectra import decompose_batch
 
     m, n = group[0][0].shape
@@ -122,7 +120,7 @@ def _decompose_group(group: list, top_k: int, device: Any, budget: int = 256 << 
     out = {}
     for start in range(0, len(group), per_batch):
         chunk = group[start : start + per_batch]
-        spectra = decompose_batch(torch.stack([mat for _, mat in chunk]), top_k, device)
+        spectra = decompose_batch([mat for _, mat in chunk], top_k, device, checked=True)
         for (info, _), spectrum in zip(chunk, spectra, strict=True):
             out[info.layer] = _result(info, sigma=spectrum.sigma, u=spectrum.u, v=spectrum.v)
     return out

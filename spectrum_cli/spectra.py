@@ -21,6 +21,7 @@ each left vector is positive, and the right vector flips with it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -155,21 +156,27 @@ def decompose(matrix: torch.Tensor, top_k: int, device: torch.device | None = No
 
 
 def decompose_batch(
-    matrices: torch.Tensor, top_k: int, device: torch.device | None = None
+    matrices: torch.Tensor | Sequence[torch.Tensor],
+    top_k: int,
+    device: torch.device | None = None,
+    *,
+    checked: bool = False,
 ) -> list[Spectrum]:
-    """Decompose a stack of same-shaped matrices (B, m, n).
+    """Decompose same-shaped matrices: a (B, m, n) stack or a sequence of (m, n) matrices.
 
-    On the CPU each matrix takes the tridiagonal route in turn; on a CUDA device the stack is
-    decomposed in one batched pass.
+    On the CPU each matrix takes the tridiagonal route in turn; on a CUDA device they are
+    stacked and decomposed in one batched pass.
 
     Parameters
     ----------
     matrices
-        A (B, m, n) floating tensor, on any device.
+        Floating (m, n) matrices of one shape, on any device.
     top_k
         How many singular vectors to keep per matrix; at most min(m, n) are kept.
     device
         Where to compute; the CPU by default.
+    checked
+        Whether the caller has already passed every matrix through `check_finite`.
 
     Returns
     -------
@@ -183,11 +190,13 @@ def decompose_batch(
         first when one bad matrix should not fail the others.
     """
     device = device or torch.device("cpu")
-    for matrix in matrices:
-        check_finite(matrix)
+    if not checked:
+        for matrix in matrices:
+            check_finite(matrix)
     if device.type == "cpu":
         return [decompose_on_cpu(_as_array(matrix), top_k) for matrix in matrices]
-    return _decompose_on_device(matrices, top_k, device)
+    stack = matrices if isinstance(matrices, torch.Tensor) else torch.stack(list(matrices))
+    return _decompose_on_device(stack, top_k, device)
 
 
 def decompose_on_cpu(matrix: np.ndarray, top_k: int) -> Spectrum:
