@@ -21,12 +21,18 @@ each left vector is positive, and the right vector flips with it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache
+from typing import Any
 
 import numpy as np
 import torch
 
+from spectrum_cli import lapack
 from spectrum_cli.errors import SpectrumError, UsageError
 
 log = logging.getLogger(__name__)
@@ -39,6 +45,14 @@ _LARGEST = float(torch.finfo(torch.float32).max)
 _BLOCK_BYTES = 8 << 20
 # Below this many columns (of the tall orientation) a full eigen-decomposition costs nothing.
 _SMALL = 32
+# Each thread's reusable float64 buffers (a block of rows, a Gram matrix) and CUDA stream.
+_scratch = threading.local()
+# Float64 bytes a batched pass on an accelerator may hold: matrices and Gram matrices.
+_DEVICE_BUDGET_BYTES = 256 << 20
+# The BLAS limit `one_blas_thread` holds, and how many are inside it.
+_blas_limit: Any = None
+_blas_users = 0
+_limit_lock = threading.Lock()
 
 
 class DecompositionError(SpectrumError):
@@ -160,21 +174,26 @@ def decompose_batch(
     top_k: int,
     device: torch.device | None = None,
     *,
+    parallel: int = 1,
     checked: bool = False,
 ) -> list[Spectrum]:
-    """Decompose same-shaped matrices: a (B, m, n) stack or a sequence of (m, n) matrices.
+    """Decompose several matrices: a (B, m, n) stack, or a sequence of any shapes.
 
-    On the CPU each matrix takes the tridiagonal route in turn; on a CUDA device they are
-    stacked and decomposed in one batched pass.
+    On the CPU each matrix takes the tridiagonal route, up to ``parallel`` at once on threads
+    of this process (the BLAS and LAPACK calls release Python's lock); on a CUDA device
+    same-shaped matrices are stacked and decomposed in batched passes.
 
     Parameters
     ----------
     matrices
-        Floating (m, n) matrices of one shape, on any device.
+        Floating (m, n) matrices, on any device.
     top_k
         How many singular vectors to keep per matrix; at most min(m, n) are kept.
     device
         Where to compute; the CPU by default.
+    parallel
+        How many matrices the CPU decomposes at once; call inside `one_blas_thread` when it is
+        more than one, so that each uses one core.
     checked
         Whether the caller has already passed every matrix through `check_finite`.
 
@@ -194,9 +213,66 @@ def decompose_batch(
         for matrix in matrices:
             check_finite(matrix)
     if device.type == "cpu":
-        return [decompose_on_cpu(_as_array(matrix), top_k) for matrix in matrices]
-    stack = matrices if isinstance(matrices, torch.Tensor) else torch.stack(list(matrices))
-    return _decompose_on_device(stack, top_k, device)
+        arrays = [_as_array(matrix) for matrix in matrices]
+        if parallel <= 1 or len(arrays) <= 1:
+            return [decompose_on_cpu(array, top_k) for array in arrays]
+        return list(_pool(parallel).map(decompose_on_cpu, arrays, [top_k] * len(arrays)))
+    if isinstance(matrices, torch.Tensor):
+        return _decompose_on_device(matrices, top_k, device)
+
+    # Same-shaped matrices go to the device together, as many as fit a float64 budget.
+    out: list[Spectrum | None] = [None] * len(matrices)
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for index, matrix in enumerate(matrices):
+        by_shape.setdefault(tuple(matrix.shape), []).append(index)
+    for (m, n), indices in by_shape.items():
+        per_pass = max(1, _DEVICE_BUDGET_BYTES // (8 * (m * n + min(m, n) ** 2)))
+        for start in range(0, len(indices), per_pass):
+            chosen = indices[start : start + per_pass]
+            stack = torch.stack([matrices[i] for i in chosen])  # (B, m, n)
+            spectra = _decompose_on_device(stack, top_k, device)
+            for index, spectrum in zip(chosen, spectra, strict=True):
+                out[index] = spectrum
+    return [spectrum for spectrum in out if spectrum is not None]
+
+
+@cache
+def _pool(size: int) -> ThreadPoolExecutor:
+    """The threads that decompose matrices side by side: one pool per size, shared."""
+    return ThreadPoolExecutor(max_workers=size, thread_name_prefix="spectrum-decompose")
+
+
+@contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """Keep BLAS and LAPACK to one thread process-wide, and torch in this thread, while inside.
+
+    Parallel work then comes from threads or processes that each decompose one matrix, which
+    is faster for weight-sized matrices than threads inside each call. The BLAS limit is
+    counted across nested and concurrent use (worker threads inside a run) and lifted when the
+    last leaves; enter it first from the main thread, as OpenBLAS ignores a thread count set
+    from any other (Dask's worker processes start with one BLAS thread already). Torch's
+    thread count belongs to each thread and is set for the caller's.
+    """
+    global _blas_limit, _blas_users
+    with _limit_lock:
+        if _blas_users == 0:
+            from threadpoolctl import threadpool_limits
+
+            # Every BLAS this engine calls is loaded by now (lapack imports SciPy's); a
+            # library loaded after the limit is set would keep its own thread count.
+            _blas_limit = threadpool_limits(limits=1, user_api="blas")
+        _blas_users += 1
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(torch_threads)
+        with _limit_lock:
+            _blas_users -= 1
+            if _blas_users == 0 and _blas_limit is not None:
+                _blas_limit.restore_original_limits()
+                _blas_limit = None
 
 
 def decompose_on_cpu(matrix: np.ndarray, top_k: int) -> Spectrum:
@@ -260,21 +336,36 @@ def _row_blocks(w: np.ndarray) -> list[slice]:
 
 
 def _float64(block: np.ndarray) -> np.ndarray:
-    """A block of rows in float64, in the memory order it has (a copy only if needed)."""
-    return np.asarray(block, dtype=np.float64, order="K")
+    """A block of rows in float64 and contiguous, in this thread's reusable buffer if copied.
+
+    Reusing one buffer per thread, rather than allocating a fresh block each time, keeps
+    worker threads of one process from contending for new memory pages.
+    """
+    if block.dtype == np.float64 and (block.flags.c_contiguous or block.flags.f_contiguous):
+        return block
+    buffer = getattr(_scratch, "block", None)
+    if buffer is None or buffer.size < block.size:
+        buffer = _scratch.block = np.empty(max(block.size, _BLOCK_BYTES // 8))
+    # Keep the block's own layout: rows apart (C) or columns apart (F, a transposed view).
+    columns_apart = block.ndim == 2 and block.strides[0] < block.strides[1]
+    out = buffer[: block.size].reshape(block.shape, order="F" if columns_apart else "C")
+    np.copyto(out, block)
+    return out
 
 
 def _gram(w: np.ndarray) -> np.ndarray:
-    """The lower triangle of WᵀW in float64 (cols, cols), accumulated over blocks of rows."""
-    from scipy.linalg.blas import dsyrk
+    """The lower triangle of WᵀW in float64 (cols, cols), accumulated over blocks of rows.
 
+    The result lives in this thread's reusable buffer until the thread's next call.
+    """
     cols = w.shape[1]
-    gram = np.zeros((cols, cols), dtype=np.float64, order="F")
+    buffer = getattr(_scratch, "gram", None)
+    if buffer is None or buffer.size < cols * cols:
+        buffer = _scratch.gram = np.empty(cols * cols)
+    gram = buffer[: cols * cols].reshape((cols, cols), order="F")
+    gram.fill(0.0)
     for rows in _row_blocks(w):
-        block = _float64(w[rows])  # (b, cols)
-        # BLAS reads Fortran order: a C-ordered block is its transpose there, (cols, b).
-        a, trans = (block, 1) if block.flags.f_contiguous else (block.T, 0)
-        gram = dsyrk(1.0, a, beta=1.0, c=gram, trans=trans, lower=1, overwrite_c=1)
+        lapack.syrk_lower(gram, _float64(w[rows]))  # += blockᵀ block, block (b, cols)
     return gram
 
 
@@ -289,43 +380,28 @@ def _times(w: np.ndarray, x: np.ndarray) -> np.ndarray:
 def _top_eigenpairs(gram: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """All eigenvalues (ascending) of a symmetric matrix and the eigenvectors of the top k.
 
-    Only the lower triangle of ``gram`` is read, and it is overwritten. The matrix is reduced
-    to tridiagonal form once; values and vectors both come from that reduction.
+    Only the lower triangle of ``gram`` (Fortran order) is read, and it is overwritten. The
+    matrix is reduced to tridiagonal form once; values and vectors both come from that
+    reduction.
     """
-    from scipy.linalg import lapack
-
     n = gram.shape[0]
     if n <= _SMALL:
         evals, evecs = np.linalg.eigh(gram, UPLO="L")
         return evals, evecs[:, n - k :]
 
     # Reduce: gram = Q T Qᵀ, T tridiagonal (d, e), Q as reflectors below the subdiagonal.
-    lwork, info = lapack.dsytrd_lwork(n, lower=1)
-    reduced, d, e, tau, info = lapack.dsytrd(gram, lower=1, lwork=int(lwork), overwrite_a=1)
+    d, e, tau, info = lapack.sytrd_lower(gram)
     _check_lapack("dsytrd", info)
 
-    # The top-k eigenpairs of T by MRRR (its e holds n entries, the last one workspace).
+    # The top-k eigenpairs of T by MRRR, carried back by Q.
     vectors = np.zeros((n, 0))
     if k:
-        padded = np.zeros(n)
-        padded[:-1] = e
-        found, _, z, info = lapack.dstemr(d.copy(), padded, 2, 0.0, 0.0, n - k + 1, n)
+        _, vectors, info = lapack.stemr_top(d, e, k)  # (n, k)
         _check_lapack("dstemr", info)
-        if found != k:
-            raise DecompositionError(f"dstemr found {found} of the top {k} eigenvectors")
-
-        # Carry them back: Q z, with H(i) stored in reduced[i + 1 :, i] (LAPACK's dormtr, 'L').
-        z = np.asfortranarray(z[:, :k])  # (n, k)
-        lwork = k * 64 + 65 * 64
-        applied, _, info = lapack.dormqr(
-            b"L", b"N", reduced[1:, :-1], tau, z[1:], lwork, overwrite_c=1
-        )
-        _check_lapack("dormqr", info)
-        z[1:] = applied
-        vectors = z
+        _check_lapack("dormqr", lapack.apply_reflectors(gram, tau, vectors))
 
     # All eigenvalues of T, ascending.
-    evals, info = lapack.dsterf(d, e, overwrite_d=1, overwrite_e=1)
+    evals, info = lapack.sterf(d, e)
     _check_lapack("dsterf", info)
     return evals, vectors
 
@@ -351,7 +427,24 @@ def _spectrum(sigma: np.ndarray, left: np.ndarray, right: np.ndarray) -> Spectru
 def _decompose_on_device(
     matrices: torch.Tensor, top_k: int, device: torch.device
 ) -> list[Spectrum]:
-    """Decompose a stack (B, m, n) on an accelerator in one batched float64 pass."""
+    """Decompose a stack (B, m, n) on an accelerator in one batched float64 pass.
+
+    On a CUDA device each calling thread works on a stream of its own, from pinned host
+    memory, so one worker's copies overlap another's decompositions.
+    """
+    if device.type != "cuda":
+        return _decompose_stack(matrices, top_k, device)
+    stream = getattr(_scratch, "stream", None)
+    if stream is None or stream.device != device:
+        stream = _scratch.stream = torch.cuda.Stream(device)
+    if not matrices.is_cuda:
+        matrices = matrices.pin_memory()
+    with torch.cuda.stream(stream):
+        return _decompose_stack(matrices, top_k, device)
+
+
+def _decompose_stack(matrices: torch.Tensor, top_k: int, device: torch.device) -> list[Spectrum]:
+    """`_decompose_on_device` on the current stream."""
     batch, m, n = matrices.shape
 
     # Work on the tall orientation: a wide (m < n) matrix is decomposed as its transpose.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 
 import numpy as np
 import pytest
@@ -10,11 +11,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from spectrum_cli import spectra
 from spectrum_cli.spectra import (
     DecompositionError,
     _decompose_on_device,
     decompose,
     decompose_batch,
+    one_blas_thread,
 )
 
 
@@ -125,6 +128,78 @@ def test_batch_equals_one_at_a_time():
         single = decompose(matrix, top_k=8)
         np.testing.assert_allclose(single.sigma, spectrum.sigma, rtol=1e-6)
         np.testing.assert_allclose(single.u, spectrum.u, atol=1e-6)
+
+
+def test_matrices_side_by_side_equal_one_at_a_time_bit_for_bit():
+    # Mixed shapes: tall, wide, square, and small enough for the direct route.
+    gen = torch.Generator().manual_seed(11)
+    shapes = [(300, 90), (90, 300), (120, 120), (50, 20), (300, 90), (64, 48)]
+    matrices = [torch.randn(*shape, generator=gen) for shape in shapes]
+
+    with one_blas_thread():
+        alone = [decompose(matrix, 16) for matrix in matrices]
+        together = decompose_batch(matrices, 16, parallel=3)
+
+    for one, other in zip(alone, together, strict=True):
+        for field in ("sigma", "u", "v"):
+            np.testing.assert_array_equal(getattr(one, field), getattr(other, field))
+
+
+def test_one_blas_thread_reaches_every_blas_and_lifts_when_the_last_leaves():
+    from threadpoolctl import threadpool_info
+
+    def blas_threads() -> list[int]:
+        # Process-wide; OpenMP's count, like torch's, belongs to each thread.
+        return [info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"]
+
+    before = blas_threads()
+    entered, release = threading.Barrier(3), threading.Event()
+    torch_inside: list[int] = []
+
+    def hold() -> None:
+        with one_blas_thread():
+            torch_inside.append(torch.get_num_threads())
+            entered.wait()
+            release.wait()
+
+    # As in `analyze`: this thread holds the limit, worker threads enter and leave inside it.
+    holders = [threading.Thread(target=hold) for _ in range(2)]
+    with one_blas_thread():
+        try:
+            for holder in holders:
+                holder.start()
+            entered.wait(timeout=60)
+            # SciPy's BLAS, which the engine loads itself, is limited too.
+            assert any("scipy" in info["filepath"] for info in threadpool_info())
+            assert set(blas_threads()) == {1}
+            assert torch_inside == [1, 1] and torch.get_num_threads() == 1
+        finally:
+            release.set()
+            for holder in holders:
+                holder.join()
+        assert set(blas_threads()) == {1}
+    assert blas_threads() == before
+
+
+def test_accelerator_batches_group_shapes_within_the_budget_and_keep_order(monkeypatch):
+    # The grouping a CUDA device gets, with the batched arithmetic run on the CPU.
+    passes: list[tuple[int, ...]] = []
+
+    def on_cpu(stack, top_k, device):
+        passes.append(tuple(stack.shape))
+        return _decompose_on_device(stack, top_k, torch.device("cpu"))
+
+    monkeypatch.setattr(spectra, "_decompose_on_device", on_cpu)
+    monkeypatch.setattr(spectra, "_DEVICE_BUDGET_BYTES", 2 * 8 * (60 * 40 + 40 * 40))
+    gen = torch.Generator().manual_seed(12)
+    shapes = [(60, 40), (30, 50), (60, 40), (60, 40), (30, 50)]
+    matrices = [torch.randn(*shape, generator=gen) for shape in shapes]
+
+    got = decompose_batch(matrices, 8, torch.device("meta"))
+
+    assert passes == [(2, 60, 40), (1, 60, 40), (2, 30, 50)]
+    for matrix, spectrum in zip(matrices, got, strict=True):
+        np.testing.assert_allclose(spectrum.sigma, decompose(matrix, 8).sigma, rtol=1e-5)
 
 
 @pytest.mark.parametrize("shape", [(120, 80), (80, 120), (64, 64)])

@@ -1,0 +1,57 @@
+"""The BLAS and LAPACK routines called without Python's lock, against NumPy's float64 results."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from spectrum_cli import lapack
+
+
+def symmetric(n: int, seed: int) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, n + 3))
+    return np.asfortranarray(x @ x.T)  # (n, n), positive definite
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_syrk_adds_the_gram_matrix_of_a_block_in_either_order(order):
+    block = np.asarray(np.random.default_rng(1).standard_normal((70, 40)), order=order)
+    gram = np.asfortranarray(np.eye(40))
+
+    lapack.syrk_lower(gram, block)
+
+    expected = np.eye(40) + block.T @ block
+    np.testing.assert_allclose(np.tril(gram), np.tril(expected), rtol=1e-12)
+
+
+@pytest.mark.parametrize("n", [2, 3, 45, 130])
+def test_tridiagonal_route_gives_every_eigenvalue_and_the_top_eigenvectors(n):
+    a = symmetric(n, seed=n)
+    values, vectors = np.linalg.eigh(a)
+    k = min(7, n)
+
+    d, e, tau, info = lapack.sytrd_lower(a.copy(order="F"))
+    assert info == 0
+    reduced = a.copy(order="F")
+    lapack.sytrd_lower(reduced)
+    every, info = lapack.sterf(d, e)
+    assert info == 0
+    top, z, info = lapack.stemr_top(d, e, k)
+    assert info == 0
+    assert lapack.apply_reflectors(reduced, tau, z) == 0
+
+    scale = values[-1]
+    np.testing.assert_allclose(every, values, atol=1e-12 * scale)
+    np.testing.assert_allclose(top, values[-k:], atol=1e-12 * scale)
+    # Eigenvectors up to sign: |zᵀ v| = 1 column by column.
+    overlap = np.abs(np.sum(z * vectors[:, -k:], axis=0))
+    np.testing.assert_allclose(overlap, 1.0, atol=1e-8)
+
+
+def test_inputs_in_the_wrong_layout_are_refused():
+    with pytest.raises(ValueError, match="Fortran order"):
+        lapack.sytrd_lower(np.ascontiguousarray(symmetric(5, seed=0)))
+    with pytest.raises(ValueError, match="float64"):
+        lapack.syrk_lower(np.zeros((4, 4), order="F"), np.ones((3, 4), dtype=np.float32))
+    with pytest.raises(ValueError, match="expected"):
+        lapack.syrk_lower(np.zeros((4, 4), order="F"), np.ones((3, 5)))
