@@ -1,7 +1,8 @@
 """The main job: discover checkpoints, decompose every matrix on Dask workers, store results.
 
 Workers read checkpoints from paths they can see and send back singular values and vectors;
-only this process writes the store, as results arrive. A checkpoint already stored is not
+only this process writes the store, as results arrive. On this machine the workers are threads
+of this process; with ``--scheduler``, those of any Dask cluster. A checkpoint already stored is not
 read again, so re-running after new checkpoints appear decomposes only those.
 """
 
@@ -13,7 +14,7 @@ import re
 import time
 from collections import defaultdict
 from collections.abc import Callable, Generator, Iterator, Mapping
-from contextlib import closing, contextmanager
+from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,8 @@ from spectrum_cli.store import NOT_COMPUTED, LayerResult, Store
 
 log = logging.getLogger(__name__)
 
-# Below this many checkpoint bytes, local workers are threads of this process.
-SMALL_JOB_BYTES = 64 << 20
+# Checkpoints a local analysis holds at once: one being decomposed, the next being read.
+CHECKPOINTS_IN_FLIGHT = 2
 
 
 @dataclass
@@ -59,36 +60,30 @@ class Summary:
 def decompose_checkpoint(path: str, top_k: int, device: str, threads: int) -> CheckpointOutcome:
     """Read one checkpoint and decompose each of its matrices (runs on a worker).
 
-    Matrices of one shape are decomposed as a batch; a matrix with non-finite entries becomes a
-    failure that names the reason, and the rest go on. An unreadable checkpoint becomes an
-    outcome with ``error`` set rather than an exception, so one bad file stops nothing else.
+    On the CPU, up to ``threads`` matrices are decomposed at once, each on one core; on an
+    accelerator, same-shaped matrices are decomposed as a batch. A matrix with non-finite
+    entries becomes a failure that names the reason, and the rest go on. An unreadable
+    checkpoint becomes an outcome with ``error`` set rather than an exception, so one bad file
+    stops nothing else.
     """
-    import torch
-    from threadpoolctl import threadpool_limits
+    from spectrum_cli.spectra import one_blas_thread, resolve_device
 
-    from spectrum_cli.spectra import resolve_device
-
-    # Torch and the BLAS under SciPy both keep to ``threads`` cores, so neither oversubscribes
-    # the cores that other tasks use.
-    torch.set_num_threads(threads)
-    with threadpool_limits(limits=threads):
-        return _decompose_checkpoint(Path(path), top_k, resolve_device(device))
+    # One BLAS thread per matrix, so that matrices and tasks side by side never oversubscribe.
+    with one_blas_thread():
+        return _decompose_checkpoint(Path(path), top_k, resolve_device(device), threads)
 
 
-def _decompose_checkpoint(path: Path, top_k: int, target: Any) -> CheckpointOutcome:
+def _decompose_checkpoint(path: Path, top_k: int, target: Any, threads: int) -> CheckpointOutcome:
     """`decompose_checkpoint` once the thread counts are set."""
-    import torch
-
     from spectrum_cli.checkpoints import load_tensors
     from spectrum_cli.matrices import as_matrix, matrix_info
-    from spectrum_cli.spectra import DecompositionError, check_finite
+    from spectrum_cli.spectra import DecompositionError, check_finite, decompose_batch
 
-    outcome = CheckpointOutcome()
+    # Collect the matrices, setting aside those with non-finite entries.
+    order: list[str] = []
+    failed: dict[str, LayerResult] = {}
+    finite: list[tuple[Any, Any]] = []
     try:
-        # Collect the matrices, setting aside those with non-finite entries.
-        pending: dict[tuple[int, int], list[tuple[Any, torch.Tensor]]] = defaultdict(list)
-        order: list[str] = []
-        failed: dict[str, LayerResult] = {}
         for name, tensor in load_tensors(path):
             info = matrix_info(name, tensor)
             if info is None:
@@ -100,30 +95,17 @@ def _decompose_checkpoint(path: Path, top_k: int, target: Any) -> CheckpointOutc
             except DecompositionError as error:
                 failed[name] = _result(info, failure=str(error))
                 continue
-            pending[info.shape].append((info, matrix))
+            finite.append((info, matrix))
     except SpectrumError as error:
         return CheckpointOutcome(error=str(error))
 
+    spectra = decompose_batch(
+        [matrix for _, matrix in finite], top_k, target, parallel=threads, checked=True
+    )
     done = dict(failed)
-    for group in pending.values():
-        done.update(_decompose_group(group, top_k, target))
-    outcome.results = [done[name] for name in order]
-    return outcome
-
-
-def _decompose_group(group: list, top_k: int, device: Any, budget: int = 256 << 20) -> dict:
-    """Decompose same-shaped finite matrices in batches that fit a memory budget (float64)."""
-    from spectrum_cli.spectra import decompose_batch
-
-    m, n = group[0][0].shape
-    per_batch = max(1, budget // (8 * (m * n + min(m, n) ** 2)))
-    out = {}
-    for start in range(0, len(group), per_batch):
-        chunk = group[start : start + per_batch]
-        spectra = decompose_batch([mat for _, mat in chunk], top_k, device, checked=True)
-        for (info, _), spectrum in zip(chunk, spectra, strict=True):
-            out[info.layer] = _result(info, sigma=spectrum.sigma, u=spectrum.u, v=spectrum.v)
-    return out
+    for (info, _), spectrum in zip(finite, spectra, strict=True):
+        done[info.layer] = _result(info, sigma=spectrum.sigma, u=spectrum.u, v=spectrum.v)
+    return CheckpointOutcome(results=[done[name] for name in order])
 
 
 def _result(info: Any, **fields: Any) -> LayerResult:
@@ -159,7 +141,8 @@ def analyze(
     top_k
         Singular vectors kept per matrix.
     workers
-        Local worker processes; by default one per core, each with one BLAS thread.
+        Matrices decomposed at once on this machine, each on one core with one BLAS thread;
+        by default one per core.
     scheduler
         Address of an existing Dask scheduler (``tcp://host:8786``); workers there must see
         the checkpoint paths.
@@ -259,28 +242,30 @@ def _run_tasks(
         return
     from distributed import Client, LocalCluster, as_completed
 
-    # One BLAS thread per task: the Gram matrices and tridiagonal reductions of weight-sized
-    # matrices gain nothing from a second thread, and lose much when tasks share cores
-    # (benchmarks/bench_analyze.py, part "threads"); parallelism comes from the workers.
-    threads = 1
-    cluster = None
-    if client is None:
-        # Small jobs, and a single checkpoint (one task, nothing to run beside it), run on
-        # worker threads in this process: no worker start-up to pay for.
-        cores = os.cpu_count() or 1
-        small = len(todo) == 1 or sum(_size(c) for c in todo) < SMALL_JOB_BYTES
-        n_workers = max(1, min(workers or cores, len(todo)))
-        # No dashboard; the scheduler's HTTP server (which it starts regardless) takes any free
-        # port on the loopback rather than 8787, which another Dask process may hold.
-        cluster = LocalCluster(
-            n_workers=n_workers,
-            threads_per_worker=1,
-            processes=not small,
-            silence_logs=logging.CRITICAL,
-            scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"},
-        )
-        client = Client(cluster)
-    try:
+    from spectrum_cli.spectra import one_blas_thread
+
+    with ExitStack() as stack:
+        # Remote workers take one checkpoint per worker thread, one matrix at a time each.
+        threads = 1
+        if client is None:
+            # Here, worker threads of this process (no worker start-up, results not copied):
+            # one checkpoint decomposed, `threads` matrices at once on one core each, while
+            # the next is read. The thread limits hold for the whole run.
+            threads = workers or os.cpu_count() or 1
+            stack.enter_context(one_blas_thread())
+            # No dashboard; the scheduler's HTTP server (which it starts regardless) takes any
+            # free port on the loopback rather than 8787, which another Dask process may hold.
+            cluster = stack.enter_context(
+                LocalCluster(
+                    n_workers=1,
+                    threads_per_worker=min(CHECKPOINTS_IN_FLIGHT, len(todo)),
+                    processes=False,
+                    silence_logs=logging.CRITICAL,
+                    scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"},
+                )
+            )
+            client = stack.enter_context(Client(cluster))
+
         futures = {
             client.submit(decompose_checkpoint, str(c.path), top_k, device, threads, pure=False): c
             for c in todo
@@ -293,10 +278,6 @@ def _run_tasks(
                 outcome = CheckpointOutcome(error=f"{type(error).__name__}: {error}")
             yield futures[future], outcome
             future.release()
-    finally:
-        if cluster is not None:
-            client.close()
-            cluster.close()
 
 
 @contextmanager

@@ -340,17 +340,16 @@ def test_xarray_opens_what_analyze_wrote(make_run, tmp_path):
     assert data.attrs["matrix_shape"] == [8, 27]
 
 
-@pytest.mark.slow
-def test_worker_processes_store_what_worker_threads_do(make_run, tmp_path, monkeypatch):
+def test_matrices_side_by_side_store_exactly_what_one_at_a_time_does(make_run, tmp_path):
+    # Each matrix is decomposed on one BLAS thread either way, so every bit agrees.
     root = make_run("run", [0, 1, 2])
     make_run("other", [4])
-    analyze(root, tmp_path / "threads.zarr", workers=2)
+    analyze(root, tmp_path / "one.zarr", workers=1)
 
-    monkeypatch.setattr(analysis, "SMALL_JOB_BYTES", 0)
-    summary = analyze(root, tmp_path / "processes.zarr", workers=2)
+    summary = analyze(root, tmp_path / "two.zarr", workers=2)
 
     assert (summary.analysed, summary.ok) == (4, True)
-    assert_same_store(tmp_path / "processes.zarr", tmp_path / "threads.zarr", rtol=1e-6)
+    assert_same_store(tmp_path / "two.zarr", tmp_path / "one.zarr")
 
 
 def effective_rank(sigma: np.ndarray) -> float:

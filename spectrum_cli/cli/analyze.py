@@ -29,7 +29,10 @@ def analyze(
     store: Path = typer.Option(Path("spectrum.zarr"), "--store", "-s", help="Zarr store to write."),
     top_k: int = typer.Option(32, "--top-k", min=1, help="Singular vectors kept per matrix."),
     workers: int = typer.Option(
-        None, "--workers", min=1, help="Local worker processes (default: one per core)."
+        None,
+        "--workers",
+        min=1,
+        help="Matrices decomposed at once here, one core each (default: one per core).",
     ),
     scheduler: str = typer.Option(
         None, "--scheduler", help="Address of a running Dask scheduler, e.g. tcp://host:8786."
