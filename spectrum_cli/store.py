@@ -46,6 +46,7 @@ import logging
 import os
 import re
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,8 @@ ARRAYS: dict[str, tuple[str, tuple[str, ...]]] = {
     "status": ("uint8", ("step",)),
 }
 _ROWS_PER_CHUNK = {"step": 1024, "status": 1024, "sigma": 64, "u": 1, "v": 1}
+# Threads that write a checkpoint's layers side by side (Zarr's I/O waits, mostly).
+_WRITER_THREADS = 8
 # The temporary name Zarr's local store writes a document under before renaming it.
 _PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")
 # Characters a path segment cannot hold as they are (Zarr reads a backslash as a separator).
@@ -107,6 +110,15 @@ class LayerRows:
     v: np.ndarray | None = None
 
 
+@dataclass
+class _OpenLayer:
+    """A layer group and its arrays as a writer keeps them open between checkpoints."""
+
+    group: Any
+    arrays: dict[str, Any]
+    labelled: int = 0  # leading rows whose step labels are known to be right
+
+
 def lock_path(path: Path) -> Path:
     """The lock file that one writer holds: beside the store, not inside it."""
     path = Path(os.path.abspath(path))  # `--store .` has a name too
@@ -120,6 +132,9 @@ class Store:
         self.path = path
         self._root = root
         self._writable = writable
+        # A writer's open layers by path, and the threads that write layers side by side.
+        self._open: dict[str, _OpenLayer] = {}
+        self._writers: ThreadPoolExecutor | None = None
 
     # ------------------------------------------------------------------ opening
 
@@ -202,7 +217,10 @@ class Store:
                     "runs": [],
                 }
                 root = zarr.open_group(path, mode="w", attributes=attributes)
-            yield cls(path, root, writable=True)
+            with ThreadPoolExecutor(_WRITER_THREADS, thread_name_prefix="spectrum-store") as pool:
+                store = cls(path, root, writable=True)
+                store._writers = pool
+                yield store
         finally:
             lock.release()
 
@@ -249,7 +267,22 @@ class Store:
     def _layer_group(self, run: str, layer: str) -> Any:
         if layer not in self.layers(run):
             raise StoreError(f"no layer {layer!r} in run {run!r} of {self.path}")
-        return self._node(layer_path(run, layer))
+        opened = self._open.get(layer_path(run, layer))
+        return opened.group if opened is not None else self._node(layer_path(run, layer))
+
+    def _open_layer(self, run: str, layer: str) -> _OpenLayer:
+        """A listed layer's group and arrays, opened once per writer."""
+        path = layer_path(run, layer)
+        if path not in self._open:
+            group = self._node(path)
+            self._open[path] = _OpenLayer(group, {name: group[name] for name in ARRAYS})
+        return self._open[path]
+
+    def _side_by_side(self, write: Any, items: list) -> list:
+        """``[write(item) for item in items]``, on the writer's threads: Zarr writes overlap."""
+        if self._writers is None or len(items) < 2:
+            return [write(item) for item in items]
+        return list(self._writers.map(write, items))
 
     def _node(self, path: str) -> Any:
         """The group at a path inside the store; StoreError if its document is damaged."""
@@ -344,8 +377,10 @@ class Store:
         new = [s for s in sorted(set(steps)) if s not in set(known)]
         if new:
             group.attrs["steps"] = known + new
-        for layer in self.layers(run):
-            self._ensure_rows(self._node(layer_path(run, layer)), known + new)
+        self._side_by_side(
+            lambda layer: self._ensure_rows(self._open_layer(run, layer), known + new),
+            self.layers(run),
+        )
 
     def write_checkpoint(
         self, run: str, step: int, results: list[LayerResult], source: dict[str, Any]
@@ -367,6 +402,7 @@ class Store:
         # A layer whose group would be another run's is refused, and nothing of it is stored.
         failures: dict[str, str] = {}
         known = list(group.attrs.get("layers", []))
+        new: list[LayerResult] = []
         for result in results:
             if result.layer in known:
                 continue
@@ -377,16 +413,21 @@ class Store:
                     f"of run {other!r} or analyse it into another --store"
                 )
             else:
-                self._create_layer(group, steps, result)
+                new.append(result)
+        self._side_by_side(lambda result: self._create_layer(run, group, steps, result), new)
         stored = [result for result in results if result.layer not in failures]
         layers = _merge_order(known, [result.layer for result in stored])
         if layers != known:
             group.attrs["layers"] = layers
 
         # Write every row, then mark the step done.
-        for result in stored:
-            layer = self._node(layer_path(run, result.layer))
-            failure = self._write_row(layer, steps, row, step, result)
+        written = self._side_by_side(
+            lambda result: self._write_row(
+                self._open_layer(run, result.layer), steps, row, step, result
+            ),
+            stored,
+        )
+        for result, failure in zip(stored, written, strict=True):
             if failure is not None:
                 failures[result.layer] = failure
         checkpoints = dict(group.attrs.get("checkpoints", {}))
@@ -395,31 +436,33 @@ class Store:
         return failures
 
     def _write_row(
-        self, layer: Any, steps: list[int], row: int, step: int, result: LayerResult
+        self, layer: _OpenLayer, steps: list[int], row: int, step: int, result: LayerResult
     ) -> str | None:
         self._ensure_rows(layer, steps)
-        stored = tuple(layer.attrs["matrix_shape"])
-        failures = dict(layer.attrs.get("failures", {}))
+        attrs = layer.group.attrs
+        stored = tuple(attrs["matrix_shape"])
+        failures = dict(attrs.get("failures", {}))
         failure = result.failure
         if failure is None and tuple(result.matrix_shape) != stored:
             failure = (
                 f"matrix shape {tuple(result.matrix_shape)} differs from the "
                 f"{stored} stored for this layer at other steps"
             )
+        arrays = layer.arrays
         if failure is None:
-            layer["sigma"][row] = result.sigma
-            layer["u"][row] = result.u
-            layer["v"][row] = result.v
-            layer["status"][row] = DONE
+            arrays["sigma"][row] = result.sigma
+            arrays["u"][row] = result.u
+            arrays["v"][row] = result.v
+            arrays["status"][row] = DONE
             if failures.pop(str(step), None) is not None:
-                layer.attrs["failures"] = failures
+                attrs["failures"] = failures
         else:
-            layer["status"][row] = FAILED
+            arrays["status"][row] = FAILED
             failures[str(step)] = failure
-            layer.attrs["failures"] = failures
+            attrs["failures"] = failures
         return failure
 
-    def _create_layer(self, group: Any, steps: list[int], result: LayerResult) -> None:
+    def _create_layer(self, run: str, group: Any, steps: list[int], result: LayerResult) -> None:
         """Create a layer group with rows for every allocated step; the caller lists it.
 
         A group of that name not yet listed is a leftover of an interrupted run: it is replaced.
@@ -437,9 +480,10 @@ class Store:
         m, n = result.matrix_shape
         k = min(self.top_k, m, n)
         tails = {"step": (), "sigma": (min(m, n),), "u": (m, k), "v": (n, k), "status": ()}
+        arrays = {}
         for name, (dtype, dims) in ARRAYS.items():
             shape = (len(steps), *tails[name])
-            layer.create_array(
+            arrays[name] = layer.create_array(
                 name,
                 shape=shape,
                 chunks=(_ROWS_PER_CHUNK[name], *tails[name]),
@@ -448,22 +492,25 @@ class Store:
                 dimension_names=dims,
             )
         if steps:
-            layer["step"][:] = np.asarray(steps, dtype=np.int64)
+            arrays["step"][:] = np.asarray(steps, dtype=np.int64)
+        self._open[layer_path(run, result.layer)] = _OpenLayer(layer, arrays, len(steps))
 
     @staticmethod
-    def _ensure_rows(layer: Any, steps: list[int]) -> None:
+    def _ensure_rows(layer: _OpenLayer, steps: list[int]) -> None:
         """Grow a layer's arrays to one row per allocated step and label every row.
 
-        Each array is checked on its own, and the step labels are compared whole, so that a
-        run killed half-way through growing a layer is completed here.
+        Each array is checked on its own, and the step labels are compared whole the first
+        time, so that a run killed half-way through growing a layer is completed here.
         """
-        for name in ARRAYS:
-            array = layer[name]
+        if layer.labelled == len(steps):
+            return
+        for array in layer.arrays.values():
             if array.shape[0] < len(steps):
                 array.resize((len(steps), *array.shape[1:]))
         labels = np.asarray(steps, dtype=np.int64)
-        if not np.array_equal(layer["step"][: len(steps)], labels):
-            layer["step"][: len(steps)] = labels
+        if not np.array_equal(layer.arrays["step"][: len(steps)], labels):
+            layer.arrays["step"][: len(steps)] = labels
+        layer.labelled = len(steps)
 
     def _run_at(self, path: str) -> str | None:
         """The listed run whose group is at ``path`` or inside it, if any."""
