@@ -243,7 +243,7 @@ def matrices_in_process(paths: list[Path], *, side_by_side: int, blas_threads: i
         with threadpool_limits(limits=blas_threads, user_api="blas"):
             torch.set_num_threads(blas_threads)
             started = time.perf_counter()
-            decompose_batch(matrices, 32, parallel=side_by_side)
+            decompose_batch(matrices, 32, side_by_side=side_by_side)
             seconds += time.perf_counter() - started
     return seconds
 
@@ -445,7 +445,7 @@ def part_threads(work: Path, results: Results) -> None:
     results.seconds.update(workers_1=one, workers_2=two, workers_default=default)
     print(f"  1 worker {one:.1f} s, 2 workers {two:.1f} s, default {default:.1f} s")
     side = matrices_in_process(paths[:2], side_by_side=2, blas_threads=1)
-    inside = matrices_in_process(paths[:2], side_by_side=1, blas_threads=2)
+    inside = matrices_in_process(paths[:2], side_by_side=0, blas_threads=2)
     results.seconds.update(two_matrices_one_blas_thread=side, one_matrix_two_blas_threads=inside)
     print(
         f"  2 checkpoints: 2 matrices at once on 1 BLAS thread each {side:.1f} s, "

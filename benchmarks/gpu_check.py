@@ -74,11 +74,11 @@ def check_correctness(device: torch.device) -> bool:
 def time_series(device: torch.device, work: Path) -> float:
     """Seconds per checkpoint of the series on ``device``, after one warm-up checkpoint."""
     paths = write_series(work / "series", 8)
-    decompose_checkpoint(str(paths[0]), 32, str(device), 1)
+    decompose_checkpoint(str(paths[0]), 32, str(device))
     _synchronize(device)
     started = time.perf_counter()
     for path in paths:
-        outcome = decompose_checkpoint(str(path), 32, str(device), 1)
+        outcome = decompose_checkpoint(str(path), 32, str(device))
         assert outcome.error is None, outcome.error
     _synchronize(device)
     return (time.perf_counter() - started) / len(paths)

@@ -57,11 +57,14 @@ class Summary:
         return not self.failed_checkpoints and not self.failed_matrices
 
 
-def decompose_checkpoint(path: str, top_k: int, device: str, threads: int) -> CheckpointOutcome:
+def decompose_checkpoint(
+    path: str, top_k: int, device: str, side_by_side: int = 0
+) -> CheckpointOutcome:
     """Read one checkpoint and decompose each of its matrices (runs on a worker).
 
-    On the CPU, up to ``threads`` matrices are decomposed at once, each on one core; on an
-    accelerator, same-shaped matrices are decomposed as a batch. A matrix with non-finite
+    On the CPU, matrices are decomposed one after another in this thread, or with
+    ``side_by_side`` N on the pool of N threads this process's tasks share, each on one core
+    (see `spectra.decompose_batch`); on an accelerator, same-shaped matrices go as a batch. A matrix with non-finite
     entries becomes a failure that names the reason, and the rest go on. An unreadable
     checkpoint becomes an outcome with ``error`` set rather than an exception, so one bad file
     stops nothing else.
@@ -70,10 +73,12 @@ def decompose_checkpoint(path: str, top_k: int, device: str, threads: int) -> Ch
 
     # One BLAS thread per matrix, so that matrices and tasks side by side never oversubscribe.
     with one_blas_thread():
-        return _decompose_checkpoint(Path(path), top_k, resolve_device(device), threads)
+        return _decompose_checkpoint(Path(path), top_k, resolve_device(device), side_by_side)
 
 
-def _decompose_checkpoint(path: Path, top_k: int, target: Any, threads: int) -> CheckpointOutcome:
+def _decompose_checkpoint(
+    path: Path, top_k: int, target: Any, side_by_side: int
+) -> CheckpointOutcome:
     """`decompose_checkpoint` once the thread counts are set."""
     from spectrum_cli.checkpoints import load_tensors
     from spectrum_cli.matrices import as_matrix, matrix_info
@@ -100,7 +105,7 @@ def _decompose_checkpoint(path: Path, top_k: int, target: Any, threads: int) -> 
         return CheckpointOutcome(error=str(error))
 
     spectra = decompose_batch(
-        [matrix for _, matrix in finite], top_k, target, parallel=threads, checked=True
+        [matrix for _, matrix in finite], top_k, target, side_by_side=side_by_side, checked=True
     )
     done = dict(failed)
     for (info, _), spectrum in zip(finite, spectra, strict=True):
@@ -246,12 +251,12 @@ def _run_tasks(
 
     with ExitStack() as stack:
         # Remote workers take one checkpoint per worker thread, one matrix at a time each.
-        threads = 1
+        side_by_side = 0
         if client is None:
             # Here, worker threads of this process (no worker start-up, results not copied):
-            # one checkpoint decomposed, `threads` matrices at once on one core each, while
+            # one checkpoint decomposed, `workers` matrices at once on one core each, while
             # the next is read. The thread limits hold for the whole run.
-            threads = workers or os.cpu_count() or 1
+            side_by_side = workers or os.cpu_count() or 1
             stack.enter_context(one_blas_thread())
             # No dashboard; the scheduler's HTTP server (which it starts regardless) takes any
             # free port on the loopback rather than 8787, which another Dask process may hold.
@@ -267,7 +272,9 @@ def _run_tasks(
             client = stack.enter_context(Client(cluster))
 
         futures = {
-            client.submit(decompose_checkpoint, str(c.path), top_k, device, threads, pure=False): c
+            client.submit(
+                decompose_checkpoint, str(c.path), top_k, device, side_by_side, pure=False
+            ): c
             for c in todo
         }
         for future in as_completed(futures):

@@ -174,13 +174,13 @@ def decompose_batch(
     top_k: int,
     device: torch.device | None = None,
     *,
-    parallel: int = 1,
+    side_by_side: int = 0,
     checked: bool = False,
 ) -> list[Spectrum]:
     """Decompose several matrices: a (B, m, n) stack, or a sequence of any shapes.
 
-    On the CPU each matrix takes the tridiagonal route, up to ``parallel`` at once on threads
-    of this process (the BLAS and LAPACK calls release Python's lock); on a CUDA device
+    On the CPU each matrix takes the tridiagonal route, in this thread or on a pool of threads
+    shared by every caller (the BLAS and LAPACK calls release Python's lock); on a CUDA device
     same-shaped matrices are stacked and decomposed in batched passes.
 
     Parameters
@@ -191,9 +191,11 @@ def decompose_batch(
         How many singular vectors to keep per matrix; at most min(m, n) are kept.
     device
         Where to compute; the CPU by default.
-    parallel
-        How many matrices the CPU decomposes at once; call inside `one_blas_thread` when it is
-        more than one, so that each uses one core.
+    side_by_side
+        On the CPU: 0 decomposes one matrix after another in this thread; N hands them to the
+        pool of N threads that every caller asking for N shares, so N is the most decomposed
+        at once however many callers there are. Call inside `one_blas_thread`, so that each
+        uses one core.
     checked
         Whether the caller has already passed every matrix through `check_finite`.
 
@@ -214,9 +216,9 @@ def decompose_batch(
             check_finite(matrix)
     if device.type == "cpu":
         arrays = [_as_array(matrix) for matrix in matrices]
-        if parallel <= 1 or len(arrays) <= 1:
+        if side_by_side < 1:
             return [decompose_on_cpu(array, top_k) for array in arrays]
-        return list(_pool(parallel).map(decompose_on_cpu, arrays, [top_k] * len(arrays)))
+        return list(_pool(side_by_side).map(decompose_on_cpu, arrays, [top_k] * len(arrays)))
     if isinstance(matrices, torch.Tensor):
         return _decompose_on_device(matrices, top_k, device)
 

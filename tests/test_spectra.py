@@ -138,11 +138,43 @@ def test_matrices_side_by_side_equal_one_at_a_time_bit_for_bit():
 
     with one_blas_thread():
         alone = [decompose(matrix, 16) for matrix in matrices]
-        together = decompose_batch(matrices, 16, parallel=3)
+        together = decompose_batch(matrices, 16, side_by_side=3)
 
     for one, other in zip(alone, together, strict=True):
         for field in ("sigma", "u", "v"):
             np.testing.assert_array_equal(getattr(one, field), getattr(other, field))
+
+
+@pytest.mark.parametrize("side_by_side", [1, 2])
+def test_callers_sharing_a_pool_never_exceed_its_size(monkeypatch, side_by_side):
+    # Two tasks of one run, each with its matrices: together no more than N at once.
+    running, most, lock = [0], [0], threading.Lock()
+    decompose_one = spectra.decompose_on_cpu
+
+    def counted(matrix, top_k):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            return decompose_one(matrix, top_k)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(spectra, "decompose_on_cpu", counted)
+    matrices = [torch.randn(200, 150, generator=torch.Generator().manual_seed(i)) for i in range(6)]
+    tasks = [
+        threading.Thread(
+            target=decompose_batch, args=(matrices, 8), kwargs={"side_by_side": side_by_side}
+        )
+        for _ in range(2)
+    ]
+    for task in tasks:
+        task.start()
+    for task in tasks:
+        task.join()
+
+    assert 1 <= most[0] <= side_by_side
 
 
 def test_one_blas_thread_reaches_every_blas_and_lifts_when_the_last_leaves():
