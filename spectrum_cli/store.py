@@ -132,7 +132,9 @@ class Store:
         self.path = path
         self._root = root
         self._writable = writable
-        # A writer's open layers by path, and the threads that write layers side by side.
+        # A writer's open groups and layers by path, and the threads that write layers side
+        # by side.
+        self._groups: dict[str, Any] = {}
         self._open: dict[str, _OpenLayer] = {}
         self._writers: ThreadPoolExecutor | None = None
 
@@ -285,9 +287,17 @@ class Store:
         return list(self._writers.map(write, items))
 
     def _node(self, path: str) -> Any:
-        """The group at a path inside the store; StoreError if its document is damaged."""
+        """The group at a path inside the store; StoreError if its document is damaged.
+
+        A writer, the only one, keeps the groups it opens: its own changes go through them.
+        """
+        if path in self._groups:
+            return self._groups[path]
         try:
-            return self._root[path]
+            group = self._root[path]
+            if self._writable:
+                self._groups[path] = group
+            return group
         except _DAMAGED as error:
             raise StoreError(
                 f"cannot read {self.path / path / 'zarr.json'}: {_brief(error)}; the store is "
@@ -303,8 +313,10 @@ class Store:
     def _row_status(self, run: str, layer: str) -> tuple[np.ndarray, np.ndarray]:
         """(steps, status) in row order; rows of steps not done read as not computed."""
         group = self._layer_group(run, layer)
+        opened = self._open.get(layer_path(run, layer))
+        arrays = opened.arrays if opened is not None else group
         with self._reading(run, layer):
-            steps, status = group["step"][:], group["status"][:]
+            steps, status = arrays["step"][:], arrays["status"][:]
         done = np.isin(steps, np.asarray(self.done_steps(run), dtype=np.int64))
         return steps, np.where(done, status, NOT_COMPUTED).astype(np.uint8)
 
@@ -493,6 +505,7 @@ class Store:
             )
         if steps:
             arrays["step"][:] = np.asarray(steps, dtype=np.int64)
+        self._groups[layer_path(run, result.layer)] = layer
         self._open[layer_path(run, result.layer)] = _OpenLayer(layer, arrays, len(steps))
 
     @staticmethod
