@@ -405,6 +405,11 @@ def part_scaling(work: Path, results: Results) -> None:
         print(f"  {count} checkpoints: {seconds:.1f} s, peak {peak['bytes'] / 2**20:.0f} MiB")
     time_ratio = measured[16][0] / measured[4][0]
     memory_ratio = measured[16][1] / measured[4][1]
+    # Fit time = fixed + marginal × checkpoints through the two points.
+    marginal = (measured[16][0] - measured[4][0]) / 12
+    fixed = measured[4][0] - 4 * marginal
+    results.seconds.update(scaling_marginal_per_checkpoint=marginal, scaling_fixed=fixed)
+    print(f"  time = {fixed:.1f} s + {marginal:.2f} s per checkpoint")
     results.add("time 16 / time 4 checkpoints", time_ratio, "3.5 – 4.5", 3.5 <= time_ratio <= 4.5)
     results.add("peak memory 16 / 4 checkpoints", memory_ratio, "≤ 1.2", memory_ratio <= 1.2)
 
