@@ -47,6 +47,8 @@ _BLOCK_BYTES = 8 << 20
 _SMALL = 32
 # Each thread's reusable float64 buffers (a block of rows, a Gram matrix) and CUDA stream.
 _scratch = threading.local()
+# The largest Gram matrix a thread keeps for its next call: 2048 × 2048 float64.
+_KEPT_GRAM_BYTES = 32 << 20
 # Float64 bytes a batched pass on an accelerator may hold: matrices and Gram matrices.
 _DEVICE_BUDGET_BYTES = 256 << 20
 # The BLAS limit `one_blas_thread` holds, and how many are inside it.
@@ -363,7 +365,9 @@ def _gram(w: np.ndarray) -> np.ndarray:
     cols = w.shape[1]
     buffer = getattr(_scratch, "gram", None)
     if buffer is None or buffer.size < cols * cols:
-        buffer = _scratch.gram = np.empty(cols * cols)
+        buffer = np.empty(cols * cols)
+        if buffer.nbytes <= _KEPT_GRAM_BYTES:  # larger ones are not kept between calls
+            _scratch.gram = buffer
     gram = buffer[: cols * cols].reshape((cols, cols), order="F")
     gram.fill(0.0)
     for rows in _row_blocks(w):
