@@ -31,7 +31,11 @@ def _routine(library: Any, name: str) -> Any:
     api.PyCapsule_GetName.argtypes = [ctypes.py_object]
     api.PyCapsule_GetPointer.restype = ctypes.c_void_p
     api.PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
-    address = api.PyCapsule_GetPointer(capsule, api.PyCapsule_GetName(capsule))
+    signature = api.PyCapsule_GetName(capsule)
+    # Every integer argument passed here is a C int: refuse any other integer width.
+    if b"int *" not in signature or any(wide in signature for wide in (b"long", b"int64")):
+        raise RuntimeError(f"SciPy's {name} has an unexpected signature: {signature.decode()}")
+    address = api.PyCapsule_GetPointer(capsule, signature)
     # CFUNCTYPE (not PYFUNCTYPE): ctypes releases the interpreter lock for the call.
     return ctypes.CFUNCTYPE(None)(address)
 
@@ -50,11 +54,22 @@ def _at(array: np.ndarray, row: int = 0, col: int = 0) -> ctypes.c_void_p:
     return ctypes.c_void_p(array.ctypes.data + offset)
 
 
-def _check(array: np.ndarray, name: str, *, fortran: bool = True) -> None:
-    if array.dtype != _DOUBLE or (fortran and not array.flags.f_contiguous):
+def _check(array: np.ndarray, name: str, shape: tuple[int, ...]) -> None:
+    """Refuse what LAPACK would read past or misread: wrong shape, dtype, order or access."""
+    if array.shape != shape:
+        raise ValueError(f"{name} has shape {array.shape}, expected {shape}")
+    if array.dtype != _DOUBLE or not array.flags.f_contiguous:
         raise ValueError(f"{name} must be a float64 array in Fortran order")
     if not array.flags.writeable:
         raise ValueError(f"{name} must be writeable")
+
+
+def _vector(array: np.ndarray, name: str, size: int) -> np.ndarray:
+    """A float64 copy of a vector of at least ``size`` entries."""
+    vector = np.array(array, dtype=np.float64).ravel()
+    if array.ndim != 1 or vector.size < size:
+        raise ValueError(f"{name} must be a vector of {size} entries, got shape {array.shape}")
+    return vector
 
 
 def syrk_lower(gram: np.ndarray, block: np.ndarray) -> None:
@@ -62,12 +77,10 @@ def syrk_lower(gram: np.ndarray, block: np.ndarray) -> None:
 
     ``block`` (rows, cols) is float64 in either memory order; ``gram`` is Fortran-ordered.
     """
-    _check(gram, "gram")
-    if block.dtype != _DOUBLE:
-        raise ValueError("block must be float64")
+    if block.dtype != _DOUBLE or block.ndim != 2:
+        raise ValueError("block must be a float64 matrix")
     rows, cols = block.shape
-    if gram.shape != (cols, cols):
-        raise ValueError(f"gram is {gram.shape}, expected {(cols, cols)}")
+    _check(gram, "gram", (cols, cols))
     # BLAS reads Fortran order: a C-ordered (rows, cols) block is its transpose there.
     if block.flags.c_contiguous:
         trans, lda = "N", max(1, cols)
@@ -91,8 +104,8 @@ def sytrd_lower(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]
         The diagonal (n,), the subdiagonal (n − 1,), the reflectors' scales (n − 1,), and
         LAPACK's status (0 on success). The reflectors stay below the subdiagonal of ``a``.
     """
-    _check(a, "a")
-    n = a.shape[0]
+    n = a.shape[0] if a.ndim == 2 else -1
+    _check(a, "a", (n, n))
     d, e, tau = np.empty(n), np.empty(max(n - 1, 0)), np.empty(max(n - 1, 0))
     lwork = max(1, n * 64)
     work, info = np.empty(lwork), ctypes.c_int(0)
@@ -112,11 +125,18 @@ def stemr_top(d: np.ndarray, e: np.ndarray, k: int) -> tuple[np.ndarray, np.ndar
     -------
     values, vectors, info
         Eigenvalues (k,) ascending, eigenvectors (n, k) in Fortran order, LAPACK's status.
+
+    Raises
+    ------
+    ArithmeticError
+        When LAPACK reports success but found another number of eigenpairs.
     """
     n = d.shape[0]
-    diagonal = np.array(d, dtype=np.float64)
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be between 1 and {n}, got {k}")
+    diagonal = _vector(d, "d", n)
     padded = np.zeros(n)  # dstemr's e holds n entries, the last one workspace
-    padded[: n - 1] = e
+    padded[: n - 1] = _vector(e, "e", n - 1)[: n - 1]
     values, vectors = np.empty(n), np.empty((n, max(k, 1)), order="F")
     support = np.empty(2 * max(k, 1), dtype=np.int32)
     lwork, liwork = 18 * n, 10 * n
@@ -130,7 +150,7 @@ def stemr_top(d: np.ndarray, e: np.ndarray, k: int) -> tuple[np.ndarray, np.ndar
         _int(lwork), _at(iwork), _int(liwork), ctypes.byref(info),
     )  # fmt: skip
     if info.value == 0 and found.value != k:
-        return values[:0], vectors[:, :0], -1
+        raise ArithmeticError(f"dstemr found {found.value} of the top {k} eigenpairs")
     return values[:k], vectors[:, :k], info.value
 
 
@@ -140,11 +160,12 @@ def apply_reflectors(reduced: np.ndarray, tau: np.ndarray, z: np.ndarray) -> int
     ``reduced`` is what `sytrd_lower` left in ``a`` (n, n); ``z`` (n, k) is Fortran-ordered.
     Returns LAPACK's status.
     """
-    _check(reduced, "reduced")
-    _check(z, "z")
-    n, k = z.shape
+    n, k = z.shape if z.ndim == 2 else (-1, -1)
+    _check(z, "z", (n, k))
+    _check(reduced, "reduced", (n, n))
     if n < 2 or k == 0:
         return 0
+    tau = _vector(tau, "tau", n - 1)
     # Reflector i lives in reduced[i + 1 :, i]: a QR factor of reduced[1:, : n - 1].
     lwork = max(1, k * 64 + 65 * 64)
     work, info = np.empty(lwork), ctypes.c_int(0)
@@ -163,8 +184,9 @@ def sterf(d: np.ndarray, e: np.ndarray) -> tuple[np.ndarray, int]:
     values, info
         The eigenvalues (n,) and LAPACK's status.
     """
-    values = np.array(d, dtype=np.float64)
-    scratch = np.array(e, dtype=np.float64)
+    n = d.shape[0]
+    values = _vector(d, "d", n)
+    scratch = _vector(e, "e", max(n - 1, 0))
     info = ctypes.c_int(0)
     _routine(cython_lapack, "dsterf")(
         _int(values.shape[0]), _at(values), _at(scratch), ctypes.byref(info)

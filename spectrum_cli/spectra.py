@@ -23,10 +23,9 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cache
 from typing import Any
 
 import numpy as np
@@ -51,10 +50,13 @@ _scratch = threading.local()
 _KEPT_GRAM_BYTES = 32 << 20
 # Float64 bytes a batched pass on an accelerator may hold: matrices and Gram matrices.
 _DEVICE_BUDGET_BYTES = 256 << 20
-# The BLAS limit `one_blas_thread` holds, and how many are inside it.
+# The BLAS limit `one_blas_thread` holds, how many are inside it, and torch's thread count
+# before the first entered; the shared pools of decomposing threads, by size.
 _blas_limit: Any = None
 _blas_users = 0
+_torch_threads = 1
 _limit_lock = threading.Lock()
+_pools: dict[int, ThreadPoolExecutor] = {}
 
 
 class DecompositionError(SpectrumError):
@@ -220,7 +222,10 @@ def decompose_batch(
         arrays = [_as_array(matrix) for matrix in matrices]
         if side_by_side < 1:
             return [decompose_on_cpu(array, top_k) for array in arrays]
-        return list(_pool(side_by_side).map(decompose_on_cpu, arrays, [top_k] * len(arrays)))
+        pool = _pool(side_by_side)
+        futures = [pool.submit(decompose_on_cpu, array, top_k) for array in arrays]
+        wait(futures)  # all of them, even when one fails, before anything is raised
+        return [future.result() for future in futures]
     if isinstance(matrices, torch.Tensor):
         return _decompose_on_device(matrices, top_k, device)
 
@@ -240,10 +245,12 @@ def decompose_batch(
     return [spectrum for spectrum in out if spectrum is not None]
 
 
-@cache
 def _pool(size: int) -> ThreadPoolExecutor:
     """The threads that decompose matrices side by side: one pool per size, shared."""
-    return ThreadPoolExecutor(max_workers=size, thread_name_prefix="spectrum-decompose")
+    with _limit_lock:
+        if size not in _pools:
+            _pools[size] = ThreadPoolExecutor(size, thread_name_prefix="spectrum-decompose")
+        return _pools[size]
 
 
 @contextmanager
@@ -253,11 +260,12 @@ def one_blas_thread() -> Iterator[None]:
     Parallel work then comes from threads or processes that each decompose one matrix, which
     is faster for weight-sized matrices than threads inside each call. The BLAS limit is
     counted across nested and concurrent use (worker threads inside a run) and lifted when the
-    last leaves; enter it first from the main thread, as OpenBLAS ignores a thread count set
-    from any other (Dask's worker processes start with one BLAS thread already). Torch's
-    thread count belongs to each thread and is set for the caller's.
+    last leaves. Enter it first from the main thread: OpenBLAS has been seen here to ignore a
+    count set from another thread (Dask's worker processes start with one BLAS thread
+    anyway). Torch's thread count belongs to each thread: each caller's is set to one, and
+    back to the count found by the first to enter.
     """
-    global _blas_limit, _blas_users
+    global _blas_limit, _blas_users, _torch_threads
     with _limit_lock:
         if _blas_users == 0:
             from threadpoolctl import threadpool_limits
@@ -265,14 +273,14 @@ def one_blas_thread() -> Iterator[None]:
             # Every BLAS this engine calls is loaded by now (lapack imports SciPy's); a
             # library loaded after the limit is set would keep its own thread count.
             _blas_limit = threadpool_limits(limits=1, user_api="blas")
+            _torch_threads = torch.get_num_threads()
         _blas_users += 1
-    torch_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         yield
     finally:
-        torch.set_num_threads(torch_threads)
         with _limit_lock:
+            torch.set_num_threads(_torch_threads)
             _blas_users -= 1
             if _blas_users == 0 and _blas_limit is not None:
                 _blas_limit.restore_original_limits()
@@ -402,7 +410,10 @@ def _top_eigenpairs(gram: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     # The top-k eigenpairs of T by MRRR, carried back by Q.
     vectors = np.zeros((n, 0))
     if k:
-        _, vectors, info = lapack.stemr_top(d, e, k)  # (n, k)
+        try:
+            _, vectors, info = lapack.stemr_top(d, e, k)  # (n, k)
+        except ArithmeticError as error:
+            raise DecompositionError(str(error)) from None
         _check_lapack("dstemr", info)
         _check_lapack("dormqr", lapack.apply_reflectors(gram, tau, vectors))
 
@@ -440,9 +451,13 @@ def _decompose_on_device(
     """
     if device.type != "cuda":
         return _decompose_stack(matrices, top_k, device)
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     stream = getattr(_scratch, "stream", None)
     if stream is None or stream.device != device:
         stream = _scratch.stream = torch.cuda.Stream(device)
+    # Inputs made on the caller's stream are ready before this stream reads them.
+    stream.wait_stream(torch.cuda.current_stream(device))
     if not matrices.is_cuda:
         matrices = matrices.pin_memory()
     with torch.cuda.stream(stream):

@@ -227,7 +227,7 @@ def test_piped_subprocess_shows_no_progress(make_run, tmp_path):
     done = run_cli("analyze", root, "--store", tmp_path / "s.zarr")
 
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("1 runs, 2 checkpoints") and len(done.stdout.splitlines()) == 1
+    assert done.stdout.startswith("1 run, 2 checkpoints") and len(done.stdout.splitlines()) == 1
     assert not CONTROL.search(done.stdout + done.stderr)
 
 
@@ -239,7 +239,7 @@ def test_progress_only_on_a_terminal_and_never_on_stdout(make_run, tmp_path, qui
     done, stderr = run_cli_on_a_terminal(*flags, "analyze", root, "--store", tmp_path / "s.zarr")
 
     assert done.returncode == 0, stderr
-    assert done.stdout.decode().startswith("1 runs, 6 checkpoints")
+    assert done.stdout.decode().startswith("1 run, 6 checkpoints")
     assert not CONTROL.search(done.stdout.decode())
     if quiet:
         assert stderr == ""

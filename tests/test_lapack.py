@@ -55,3 +55,26 @@ def test_inputs_in_the_wrong_layout_are_refused():
         lapack.syrk_lower(np.zeros((4, 4), order="F"), np.ones((3, 4), dtype=np.float32))
     with pytest.raises(ValueError, match="expected"):
         lapack.syrk_lower(np.zeros((4, 4), order="F"), np.ones((3, 5)))
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: lapack.sytrd_lower(np.zeros((20000, 1), order="F")),
+        lambda: lapack.sytrd_lower(np.zeros(20000)),
+        lambda: lapack.apply_reflectors(
+            np.asfortranarray(np.eye(3)), np.ones(2), np.asfortranarray(np.ones((20000, 4)))
+        ),
+        lambda: lapack.apply_reflectors(
+            np.asfortranarray(np.eye(5)), np.ones(1), np.asfortranarray(np.ones((5, 2)))
+        ),
+        lambda: lapack.sterf(np.ones(2_000_000), np.ones(1)),
+        lambda: lapack.stemr_top(np.ones(5), np.ones(4), 0),
+        lambda: lapack.stemr_top(np.ones(5), np.ones(4), 6),
+        lambda: lapack.stemr_top(np.ones(5), np.ones(2), 2),
+    ],
+)
+def test_sizes_that_would_send_lapack_past_its_arrays_are_refused(call):
+    # Each of these would read or write outside an array: refused before LAPACK runs.
+    with pytest.raises(ValueError):
+        call()

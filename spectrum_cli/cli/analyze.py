@@ -76,14 +76,20 @@ def analyze(
         print_json({**asdict(summary), "ok": summary.ok})
     else:
         console.print(
-            f"{summary.runs} runs, {summary.checkpoints} checkpoints "
+            f"{_count(summary.runs, 'run')}, {_count(summary.checkpoints, 'checkpoint')} "
             f"({summary.analysed} analysed now, {summary.already_stored} already stored, "
-            f"{len(summary.failed_checkpoints)} failed), {summary.matrices} matrices decomposed "
+            f"{len(summary.failed_checkpoints)} failed), "
+            f"{_count(summary.matrices, 'matrix', 'matrices')} decomposed "
             f"({len(summary.failed_matrices)} failed) in {summary.seconds:.1f} s -> {summary.store}",
             markup=False,
         )
     if not summary.ok:
         raise typer.Exit(1)
+
+
+def _count(number: int, noun: str, plural: str | None = None) -> str:
+    """``1 run``, ``2 runs``."""
+    return f"{number} {noun if number == 1 else plural or noun + 's'}"
 
 
 def ls(
