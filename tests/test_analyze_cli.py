@@ -141,7 +141,7 @@ def test_a_non_finite_matrix_exits_1_with_its_layer(spectrum, make_run, tmp_path
         (("RUNS", "--top-k", "0"), "Invalid value for '--top-k'"),
         (("RUNS", "--top-k", "many"), "Invalid value for '--top-k'"),
         (("RUNS", "--format", "xml"), "Invalid value for '--format'"),
-        (("RUNS", "--format", "csv"), "--format must be table or json for analyze"),
+        (("RUNS", "--format", "csv"), "Invalid value for '--format'"),
         (("RUNS", "--scheduler", "nowhere"), "--scheduler 'nowhere' is not a Dask scheduler"),
         (("RUNS", "--no-such-flag"), "No such option"),
     ],

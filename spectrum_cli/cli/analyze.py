@@ -11,6 +11,7 @@ import typer
 
 from spectrum_cli.cli.output import (
     Format,
+    SummaryFormat,
     console,
     err_console,
     error_console,
@@ -38,7 +39,9 @@ def analyze(
         None, "--scheduler", help="Address of a running Dask scheduler, e.g. tcp://host:8786."
     ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    output: Format = typer.Option(Format.table, "--format", help="table or json summary."),
+    output: SummaryFormat = typer.Option(
+        SummaryFormat.table, "--format", help="table or json summary."
+    ),
 ) -> None:
     """Decompose every weight matrix of every checkpoint and store the spectra.
 
@@ -49,8 +52,6 @@ def analyze(
     from spectrum_cli.analysis import analyze as run_analysis
     from spectrum_cli.errors import UsageError
 
-    if output is Format.csv:
-        raise UsageError("--format must be table or json for analyze, got csv")
     if not _DEVICE.fullmatch(device):
         raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
     if not checkpoints.exists():
@@ -72,7 +73,7 @@ def analyze(
         err_console.print(f"note: {note}", markup=False)
     for line in summary.failed_checkpoints + summary.failed_matrices:
         error_console.print(f"[red]failed:[/red] {_escape(line)}")
-    if output is Format.json:
+    if output is SummaryFormat.json:
         print_json({**asdict(summary), "ok": summary.ok})
     else:
         console.print(

@@ -16,6 +16,7 @@ import typer
 
 from spectrum_cli.cli.output import (
     Format,
+    SummaryFormat,
     console,
     err_console,
     figure_path,
@@ -247,8 +248,8 @@ def report(
         metavar="FILE.csv",
         help="Training log to use for every run (default: each run's own metrics.csv).",
     ),
-    output: Format = typer.Option(
-        Format.table,
+    output: SummaryFormat = typer.Option(
+        SummaryFormat.table,
         "--format",
         help="table (the page's path) or json (the page, each run's figures and training log).",
     ),
@@ -264,8 +265,6 @@ def report(
     from spectrum_cli.errors import UsageError
     from spectrum_cli.report import write_report
 
-    if output is Format.csv:
-        raise UsageError("--format must be table or json for report, got csv")
     if metrics is not None and not metrics.is_file():
         raise UsageError(f"--metrics {metrics} is not a file; pass a CSV training log")
 
@@ -273,7 +272,7 @@ def report(
         written = write_report(store, out, metrics=metrics, on_found=found, on_done=done)
     for note in written.notes:
         err_console.print(f"note: {note}", markup=False)
-    if output is Format.json:
+    if output is SummaryFormat.json:
         print_json(asdict(written))
     else:
         console.print(written.page, markup=False)

@@ -30,6 +30,13 @@ class Format(str, Enum):
     json = "json"
 
 
+class SummaryFormat(str, Enum):
+    """How a command that writes elsewhere renders its summary: no rows to give as CSV."""
+
+    table = "table"
+    json = "json"
+
+
 def print_json(value: Any) -> None:
     """Write JSON to stdout, plain (no colour, no wrapping), one document.
 
