@@ -54,6 +54,11 @@ def mlp_weights(seed: int = 0) -> dict[str, torch.Tensor]:
     }
 
 
+def with_mask_file(tmp_path, checkpoint: str = "ckpt.safetensors") -> list[str]:
+    """``masks CHECKPOINT --mask mask.safetensors``, both files in ``tmp_path``."""
+    return ["masks", str(tmp_path / checkpoint), "--mask", str(tmp_path / "mask.safetensors")]
+
+
 def invoke(args: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
     """Run ``spectrum ARGS`` as the entry point does; (exit code, stdout, stderr)."""
     from spectrum_cli.cli import main
@@ -674,14 +679,8 @@ def test_cli_reads_a_mask_file_and_names_the_output_layer(tmp_path, capsys, monk
     save_file(weights, tmp_path / "ckpt.safetensors")
     mask = {k: magnitude_mask(weights[k], 100) for k in ("fc1.weight", "fc2.weight")}
     save_file(mask, tmp_path / "mask.safetensors")
-    args = [
-        "masks",
-        str(tmp_path / "ckpt.safetensors"),
-        "--mask",
-        str(tmp_path / "mask.safetensors"),
-    ]
 
-    code, out, err = invoke([*args, "--format", "json"], capsys, monkeypatch)
+    code, out, err = invoke([*with_mask_file(tmp_path), "--format", "json"], capsys, monkeypatch)
 
     assert code == 0, err
     result = json.loads(out)
@@ -696,11 +695,7 @@ def test_cli_mismatched_mask_exits_2_listing_the_differences(tmp_path, capsys, m
     save_file(mlp_weights(), tmp_path / "ckpt.safetensors")
     save_file({"fc1.weight": torch.ones(32, 48)}, tmp_path / "mask.safetensors")
 
-    code, out, err = invoke(
-        ["masks", str(tmp_path / "ckpt.safetensors"), "--mask", str(tmp_path / "mask.safetensors")],
-        capsys,
-        monkeypatch,
-    )
+    code, out, err = invoke(with_mask_file(tmp_path), capsys, monkeypatch)
 
     assert code == 2 and out == ""
     assert "2 differences" in err and "weight shape (48, 32)" in err
@@ -751,21 +746,15 @@ def test_cli_empty_mask_shows_undefined_overlap(tmp_path, capsys, monkeypatch):
     save_file(weights, tmp_path / "ckpt.safetensors")
     mask = {"fc1.weight": torch.zeros(48, 32), "fc2.weight": torch.ones(40, 48)}
     save_file(mask, tmp_path / "mask.safetensors")
-    args = [
-        "masks",
-        str(tmp_path / "ckpt.safetensors"),
-        "--mask",
-        str(tmp_path / "mask.safetensors"),
-    ]
 
-    code, out, err = invoke([*args, "--format", "json"], capsys, monkeypatch)
+    code, out, err = invoke([*with_mask_file(tmp_path), "--format", "json"], capsys, monkeypatch)
     assert code == 0, err
     first, second = json.loads(out)["layers"]
     assert first["iou"] is None and first["random_iou"] is None and first["agreement"] == 0.0
     assert second["iou"][-1] == 1.0
     assert "fc1.weight: the mask keeps nothing" in " ".join(err.split())
 
-    code, out, err = invoke(args, capsys, monkeypatch)
+    code, out, err = invoke(with_mask_file(tmp_path), capsys, monkeypatch)
     [row] = [line for line in out.splitlines() if "fc1.weight" in line]
     assert row.count("—") == 2 and "1:" not in row
 
@@ -778,18 +767,8 @@ def test_cli_warns_on_weights_stored_masked(tmp_path, capsys, monkeypatch):
         weights | {k: weights[k] * m for k, m in mask.items()}, tmp_path / "sparse.safetensors"
     )
 
-    code, out, err = invoke(
-        [
-            "masks",
-            str(tmp_path / "sparse.safetensors"),
-            "--mask",
-            str(tmp_path / "mask.safetensors"),
-            "--format",
-            "json",
-        ],
-        capsys,
-        monkeypatch,
-    )
+    args = [*with_mask_file(tmp_path, "sparse.safetensors"), "--format", "json"]
+    code, out, err = invoke(args, capsys, monkeypatch)
 
     assert code == 0, err
     assert all(row["agreement"] <= 1.0 for row in json.loads(out)["layers"])
