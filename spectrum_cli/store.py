@@ -45,7 +45,7 @@ import hashlib
 import logging
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -280,7 +280,7 @@ class Store:
             self._open[path] = _OpenLayer(group, {name: group[name] for name in ARRAYS})
         return self._open[path]
 
-    def _side_by_side(self, write: Any, items: list) -> list:
+    def _side_by_side(self, write: Callable[[Any], Any], items: list) -> list:
         """``[write(item) for item in items]``, on the writer's threads: Zarr writes overlap."""
         if self._writers is None or len(items) < 2:
             return [write(item) for item in items]
