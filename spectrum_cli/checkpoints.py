@@ -199,7 +199,12 @@ def discover(root: Path) -> Discovery:
     checkpoints = _drop_duplicate_steps(found, notes)
     for run, group in itertools.groupby(checkpoints, key=lambda checkpoint: checkpoint.run):
         steps = [checkpoint.step for checkpoint in group]
-        notes.append(f"run {run}: {len(steps)} checkpoints, steps {steps[0]} to {steps[-1]}")
+        held = (
+            f"1 checkpoint, step {steps[0]}"
+            if len(steps) == 1
+            else f"{len(steps)} checkpoints, steps {steps[0]} to {steps[-1]}"
+        )
+        notes.append(f"run {run}: {held}")
     for note in notes:
         logger.debug(note)
     return Discovery(checkpoints=checkpoints, notes=notes)
