@@ -41,12 +41,13 @@ lock file beside the store.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hashlib
 import logging
 import os
 import re
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,8 +72,6 @@ ARRAYS: dict[str, tuple[str, tuple[str, ...]]] = {
     "status": ("uint8", ("step",)),
 }
 _ROWS_PER_CHUNK = {"step": 1024, "status": 1024, "sigma": 64, "u": 1, "v": 1}
-# Threads that write a checkpoint's layers side by side (Zarr's I/O waits, mostly).
-_WRITER_THREADS = 8
 # The temporary name Zarr's local store writes a document under before renaming it.
 _PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")
 # Characters a path segment cannot hold as they are (Zarr reads a backslash as a separator).
@@ -132,11 +131,9 @@ class Store:
         self.path = path
         self._root = root
         self._writable = writable
-        # A writer's open groups and layers by path, and the threads that write layers side
-        # by side.
+        # A writer's open groups and layers by path.
         self._groups: dict[str, Any] = {}
         self._open: dict[str, _OpenLayer] = {}
-        self._writers: ThreadPoolExecutor | None = None
 
     # ------------------------------------------------------------------ opening
 
@@ -219,10 +216,7 @@ class Store:
                     "runs": [],
                 }
                 root = zarr.open_group(path, mode="w", attributes=attributes)
-            with ThreadPoolExecutor(_WRITER_THREADS, thread_name_prefix="spectrum-store") as pool:
-                store = cls(path, root, writable=True)
-                store._writers = pool
-                yield store
+            yield cls(path, root, writable=True)
         finally:
             lock.release()
 
@@ -279,12 +273,6 @@ class Store:
             group = self._node(path)
             self._open[path] = _OpenLayer(group, {name: group[name] for name in ARRAYS})
         return self._open[path]
-
-    def _side_by_side(self, write: Callable[[Any], Any], items: list) -> list:
-        """``[write(item) for item in items]``, on the writer's threads: Zarr writes overlap."""
-        if self._writers is None or len(items) < 2:
-            return [write(item) for item in items]
-        return list(self._writers.map(write, items))
 
     def _node(self, path: str) -> Any:
         """The group at a path inside the store; StoreError if its document is damaged.
@@ -389,9 +377,9 @@ class Store:
         new = [s for s in sorted(set(steps)) if s not in set(known)]
         if new:
             group.attrs["steps"] = known + new
-        self._side_by_side(
-            lambda layer: self._ensure_rows(self._open_layer(run, layer), known + new),
-            self.layers(run),
+        _concurrently(
+            self._ensure_rows(self._open_layer(run, layer), known + new)
+            for layer in self.layers(run)
         )
 
     def write_checkpoint(
@@ -426,90 +414,98 @@ class Store:
                 )
             else:
                 new.append(result)
-        self._side_by_side(lambda result: self._create_layer(run, group, steps, result), new)
+        self._create_layers(run, group, len(steps), new)
         stored = [result for result in results if result.layer not in failures]
         layers = _merge_order(known, [result.layer for result in stored])
         if layers != known:
             group.attrs["layers"] = layers
 
         # Write every row, then mark the step done.
-        written = self._side_by_side(
-            lambda result: self._write_row(
-                self._open_layer(run, result.layer), steps, row, step, result
-            ),
-            stored,
-        )
-        for result, failure in zip(stored, written, strict=True):
-            if failure is not None:
-                failures[result.layer] = failure
+        opened = {result.layer: self._open_layer(run, result.layer) for result in stored}
+        _concurrently(self._ensure_rows(layer, steps) for layer in opened.values())
+        failures.update(self._write_rows(opened, row, step, stored))
         checkpoints = dict(group.attrs.get("checkpoints", {}))
         checkpoints[str(step)] = source
         group.attrs["checkpoints"] = checkpoints
         return failures
 
-    def _write_row(
-        self, layer: _OpenLayer, steps: list[int], row: int, step: int, result: LayerResult
-    ) -> str | None:
-        self._ensure_rows(layer, steps)
-        attrs = layer.group.attrs
-        stored = tuple(attrs["matrix_shape"])
-        failures = dict(attrs.get("failures", {}))
-        failure = result.failure
-        if failure is None and tuple(result.matrix_shape) != stored:
-            failure = (
-                f"matrix shape {tuple(result.matrix_shape)} differs from the "
-                f"{stored} stored for this layer at other steps"
-            )
-        arrays = layer.arrays
-        if failure is None:
-            arrays["sigma"][row] = result.sigma
-            arrays["u"][row] = result.u
-            arrays["v"][row] = result.v
-            arrays["status"][row] = DONE
-            if failures.pop(str(step), None) is not None:
-                attrs["failures"] = failures
-        else:
-            arrays["status"][row] = FAILED
-            failures[str(step)] = failure
-            attrs["failures"] = failures
-        return failure
+    def _write_rows(
+        self, opened: dict[str, _OpenLayer], row: int, step: int, results: list[LayerResult]
+    ) -> dict[str, str]:
+        """Write one row of each layer, all at once; return the layers stored as failed."""
+        writes = []
+        failed: dict[str, str] = {}
+        for result in results:
+            layer = opened[result.layer]
+            arrays = {name: array.async_array for name, array in layer.arrays.items()}
+            stored = tuple(layer.group.attrs["matrix_shape"])
+            failure = result.failure
+            if failure is None and tuple(result.matrix_shape) != stored:
+                failure = (
+                    f"matrix shape {tuple(result.matrix_shape)} differs from the "
+                    f"{stored} stored for this layer at other steps"
+                )
+            if failure is None:
+                writes += [
+                    arrays["sigma"].setitem(row, result.sigma),
+                    arrays["u"].setitem(row, result.u),
+                    arrays["v"].setitem(row, result.v),
+                    arrays["status"].setitem(row, DONE),
+                ]
+            else:
+                writes.append(arrays["status"].setitem(row, FAILED))
+                failed[result.layer] = failure
+        _concurrently(writes)
 
-    def _create_layer(self, run: str, group: Any, steps: list[int], result: LayerResult) -> None:
-        """Create a layer group with rows for every allocated step; the caller lists it.
+        # The reasons for failed rows, in each layer's attributes.
+        for result in results:
+            attrs = opened[result.layer].group.attrs
+            reasons = dict(attrs.get("failures", {}))
+            if result.layer in failed:
+                reasons[str(step)] = failed[result.layer]
+            elif reasons.pop(str(step), None) is None:
+                continue
+            attrs["failures"] = reasons
+        return failed
+
+    def _create_layers(self, run: str, group: Any, rows: int, results: list[LayerResult]) -> None:
+        """Create layer groups with ``rows`` rows, all at once; the caller lists them.
 
         A group of that name not yet listed is a leftover of an interrupted run: it is replaced.
+        Step labels are written when the rows are first used.
         """
-        layer = group.create_group(_segment(result.layer), overwrite=True)
-        layer.attrs.update(
-            {
-                "tensor_shape": list(result.tensor_shape),
-                "matrix_shape": list(result.matrix_shape),
-                "dtype": result.dtype,
-                "formed": result.formed,
-                "failures": {},
-            }
-        )
-        m, n = result.matrix_shape
-        k = min(self.top_k, m, n)
-        tails = {"step": (), "sigma": (min(m, n),), "u": (m, k), "v": (n, k), "status": ()}
-        arrays = {}
-        for name, (dtype, dims) in ARRAYS.items():
-            shape = (len(steps), *tails[name])
-            arrays[name] = layer.create_array(
-                name,
-                shape=shape,
-                chunks=(_ROWS_PER_CHUNK[name], *tails[name]),
-                dtype=dtype,
-                fill_value=0,
-                dimension_names=dims,
+        from zarr.core.group import GroupMetadata
+
+        nodes: dict[str, Any] = {}
+        for result in results:
+            name = _segment(result.layer)
+            nodes[name] = GroupMetadata(
+                attributes={
+                    "tensor_shape": list(result.tensor_shape),
+                    "matrix_shape": list(result.matrix_shape),
+                    "dtype": result.dtype,
+                    "formed": result.formed,
+                    "failures": {},
+                }
             )
-        if steps:
-            arrays["step"][:] = np.asarray(steps, dtype=np.int64)
-        self._groups[layer_path(run, result.layer)] = layer
-        self._open[layer_path(run, result.layer)] = _OpenLayer(layer, arrays, len(steps))
+            m, n = result.matrix_shape
+            k = min(self.top_k, m, n)
+            tails = {"step": (), "sigma": (min(m, n),), "u": (m, k), "v": (n, k), "status": ()}
+            for array, tail in tails.items():
+                nodes[f"{name}/{array}"] = _array_metadata(array, rows, tail)
+        if not nodes:
+            return
+        created = dict(group.create_hierarchy(nodes, overwrite=True))
+        for result in results:
+            name = _segment(result.layer)
+            path = layer_path(run, result.layer)
+            self._groups[path] = created[name]
+            self._open[path] = _OpenLayer(
+                created[name], {array: created[f"{name}/{array}"] for array in ARRAYS}
+            )
 
     @staticmethod
-    def _ensure_rows(layer: _OpenLayer, steps: list[int]) -> None:
+    async def _ensure_rows(layer: _OpenLayer, steps: list[int]) -> None:
         """Grow a layer's arrays to one row per allocated step and label every row.
 
         Each array is checked on its own, and the step labels are compared whole the first
@@ -519,10 +515,11 @@ class Store:
             return
         for array in layer.arrays.values():
             if array.shape[0] < len(steps):
-                array.resize((len(steps), *array.shape[1:]))
+                await array.async_array.resize((len(steps), *array.shape[1:]))  # in place
         labels = np.asarray(steps, dtype=np.int64)
-        if not np.array_equal(layer.arrays["step"][: len(steps)], labels):
-            layer.arrays["step"][: len(steps)] = labels
+        step = layer.arrays["step"].async_array
+        if not np.array_equal(await step.getitem(slice(0, len(steps))), labels):
+            await step.setitem(slice(0, len(steps)), labels)
         layer.labelled = len(steps)
 
     def _run_at(self, path: str) -> str | None:
@@ -547,6 +544,39 @@ class Store:
     def _require_writable(self) -> None:
         if not self._writable:
             raise StoreError(f"{self.path} was opened for reading")
+
+
+def _concurrently(operations: Iterable[Awaitable[Any]]) -> list[Any]:
+    """Run Zarr's asynchronous operations together on its event loop; their results in order.
+
+    One checkpoint touches a few hundred documents and chunks: awaited together they cost one
+    trip to the loop rather than one each.
+    """
+    from zarr.core.sync import sync
+
+    operations = list(operations)  # made here: what makes them may itself wait on the loop
+
+    async def together() -> list[Any]:
+        return list(await asyncio.gather(*operations))
+
+    return sync(together())
+
+
+@functools.lru_cache(maxsize=256)
+def _array_metadata(name: str, rows: int, tail: tuple[int, ...]) -> Any:
+    """The metadata of a layer's array ``name`` with ``rows`` rows, as Zarr creates it."""
+    import zarr
+
+    dtype, dims = ARRAYS[name]
+    template = zarr.create_array(
+        zarr.storage.MemoryStore(),
+        shape=(rows, *tail),
+        chunks=(_ROWS_PER_CHUNK[name], *tail),
+        dtype=dtype,
+        fill_value=0,
+        dimension_names=dims,
+    )
+    return template.metadata
 
 
 def run_path(run: str) -> str:

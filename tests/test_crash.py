@@ -151,15 +151,18 @@ def test_kills_at_random_points_never_corrupt_the_store(runs, reference, tmp_pat
     _kill(process)
     assert_consistent(store)
 
-    # Then several times part-way: once a checkpoint more is done, at a random moment of the
-    # next one, which is mostly spent writing.
+    # Then several times part-way, once a checkpoint more is done: at a random moment of the
+    # next one, or as soon as its rows are being written (a layer's status chunk rewritten).
     mid_write = 0
-    for _ in range(3):
+    for kill in range(3):
         before = assert_consistent(store)
         process = _start(runs, store)
         while len(_done_steps(store)) <= before and process.poll() is None:
             time.sleep(0.002)
-        time.sleep(rng.uniform(0, timing.each))
+        if kill == 0:
+            time.sleep(rng.uniform(0, timing.each))
+        else:
+            _wait_for_rows_written(store, process)
         _kill(process)
         assert before < assert_consistent(store) < len(STEPS)
         mid_write += _rows_of_unfinished_checkpoints(store)
@@ -262,6 +265,18 @@ def test_twenty_kills_at_random_points_of_the_writes_never_corrupt_the_store(tmp
     assert mid_write > 0, "no kill landed while a checkpoint was being written"
     assert_same_store(store, reference)
     assert not list(store.rglob("*.partial"))
+
+
+def _wait_for_rows_written(store: Path, process: subprocess.Popen) -> None:
+    """Return once the writer rewrites a layer's status chunk (or has ended)."""
+    chunks = list(store.glob("run/*/status/c/0"))
+    seen = {chunk: chunk.stat().st_mtime_ns for chunk in chunks}
+    while process.poll() is None:
+        for chunk in chunks:
+            with contextlib.suppress(FileNotFoundError):
+                if chunk.stat().st_mtime_ns != seen[chunk]:
+                    return
+        time.sleep(0.0005)
 
 
 def _rows_of_unfinished_checkpoints(store: Path) -> int:
