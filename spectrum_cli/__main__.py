@@ -1,5 +1,5 @@
 """Run the command line as ``python -m spectrum_cli``."""
 
-from spectrum_cli.cli import main
+from spectrum_cli.cli import entry
 
-main()
+entry()
