@@ -247,6 +247,45 @@ def test_progress_only_on_a_terminal_and_never_on_stdout(make_run, tmp_path, qui
         assert "decomposing" in stderr and CONTROL.search(stderr)
 
 
+def test_the_command_ends_with_main_s_exit_code_and_its_output_whole(make_run, tmp_path):
+    root = make_run("a", [0, 1])
+    analyze = run_cli("analyze", root, "--store", tmp_path / "s.zarr", "--format", "json")
+    assert analyze.returncode == 0, analyze.stderr
+    assert json.loads(analyze.stdout)["analysed"] == 2
+
+    # Piped, stdout is block-buffered: all of it arrives although the process skips its teardown.
+    listed = run_cli("ls", tmp_path / "s.zarr", "--format", "json")
+    assert listed.returncode == 0 and json.loads(listed.stdout)
+    missing = run_cli("ls", tmp_path / "missing.zarr")
+    assert missing.returncode == 2 and missing.stderr.startswith("error: ")
+
+
+@pytest.mark.parametrize(("raised", "code"), [(None, 0), (3, 3), ("a message", 1)])
+def test_entry_exits_with_what_main_raised(monkeypatch, capsys, raised, code):
+    import spectrum_cli.cli as cli
+
+    class Ended(Exception):
+        pass
+
+    def main() -> None:
+        print("result")
+        if raised is not None:
+            sys.exit(raised)
+
+    def leave(status: int) -> None:
+        raise Ended(status)
+
+    monkeypatch.setattr(cli, "main", main)
+    monkeypatch.setattr(cli.os, "_exit", leave)
+    with pytest.raises(Ended) as ended:
+        cli.entry()
+
+    assert ended.value.args == (code,)
+    out, err = capsys.readouterr()
+    assert out == "result\n"
+    assert err == ("a message\n" if isinstance(raised, str) else "")
+
+
 def test_help_is_fast_to_import():
     done = subprocess.run(
         [
