@@ -331,6 +331,8 @@ def _checkpoint(
         try:
             step = _step_from_metadata(named, weights)
         except CheckpointError as error:
+            if default_step is not None:  # the one checkpoint asked for: say why, and stop
+                raise UsageError(f"{error}; give a checkpoint spectrum can read") from None
             notes.append(f"skipped {where}: {error}")
             return None
         if step is not None:
@@ -819,10 +821,24 @@ def _describe_load_failure(file: Path, error: Exception) -> str:
         detail = lines[-1]
     else:
         detail = (lines or [""])[0].split(". ")[0]
+    if not _starts_like_torch_save(file):
+        detail = "it is neither a zip archive nor a pickle, the two forms torch.save writes"
+    elif not re.search(r"[A-Za-z]{3}", detail):  # a bare key or number says nothing
+        detail = f"the unpickler stopped: {type(error).__name__} {detail}".strip()
     return (
         f"cannot read {file} as a torch.save checkpoint ({detail or type(error).__name__}); "
         "the file is damaged or was not written by torch.save"
     )
+
+
+def _starts_like_torch_save(file: Path) -> bool:
+    """Whether a file begins as torch.save's files do: a zip archive, or a pickle (legacy)."""
+    try:
+        with open(file, "rb") as stream:
+            head = stream.read(4)
+    except OSError:
+        return True  # unknown: leave the diagnosis to the loader's error
+    return head.startswith((b"PK\x03\x04", b"\x80"))
 
 
 class _StandIn:

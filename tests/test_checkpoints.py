@@ -342,6 +342,29 @@ def test_checkpoint_directory_root_is_one_checkpoint(tmp_path: Path) -> None:
     assert checkpoint == Checkpoint("checkpoint-500", 500, tmp_path / "run" / "checkpoint-500")
 
 
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        (b"hello", "neither a zip archive nor a pickle"),
+        (b"\x80\x02he", "the unpickler stopped: KeyError"),
+    ],
+)
+def test_a_lone_unreadable_file_stops_with_why(tmp_path: Path, content: bytes, why: str) -> None:
+    lone = tmp_path / "final.pt"
+    lone.write_bytes(content)
+
+    with pytest.raises(UsageError, match=f"cannot read {lone} as a torch.save checkpoint.*{why}"):
+        discover(lone)
+
+    # Among others, with a step in its name, it is a checkpoint that fails when read.
+    named = tmp_path / "run" / "step_3.pt"
+    named.parent.mkdir()
+    named.write_bytes(content)
+    (checkpoint,) = discover(tmp_path / "run").checkpoints
+    with pytest.raises(CheckpointError, match=why):
+        list(load_tensors(checkpoint.path))
+
+
 def test_missing_or_empty_root_is_a_usage_error(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="does not exist"):
         discover(tmp_path / "nowhere")
