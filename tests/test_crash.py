@@ -236,7 +236,8 @@ def test_twenty_kills_at_random_points_of_the_writes_never_corrupt_the_store(tmp
     each = (max(seen.values()) - first) / (WRITER_STEPS - 1)
 
     # Kills in the store's creation (first while nothing is done), then in the opening of the
-    # store and the allocation of rows, or at a random moment of the checkpoint after the next.
+    # store and the allocation of rows, at a random moment of the checkpoint after the next, or
+    # as soon as that checkpoint's rows are being written.
     store = tmp_path / "s.zarr"
     rng = random.Random(20240812)
     alive = mid_write = 0
@@ -250,7 +251,10 @@ def test_twenty_kills_at_random_points_of_the_writes_never_corrupt_the_store(tmp
         else:
             while len(_done_steps(store)) <= before and process.poll() is None:
                 time.sleep(0.001)
-            time.sleep(rng.uniform(0, each))
+            if kill % 4 == 2:
+                _wait_for_rows_written(store, process)
+            else:
+                time.sleep(rng.uniform(0, each))
         alive += process.poll() is None
         _kill(process)
         process.stdout.close()
