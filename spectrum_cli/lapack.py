@@ -154,6 +154,38 @@ def stemr_top(d: np.ndarray, e: np.ndarray, k: int) -> tuple[np.ndarray, np.ndar
     return values[:k], vectors[:, :k], info.value
 
 
+def stein(d: np.ndarray, e: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, int]:
+    """Eigenvectors of the symmetric tridiagonal matrix (d, e) for the given eigenvalues.
+
+    Inverse iteration (``dstein``), with the vectors of close eigenvalues reorthogonalised.
+    ``values`` (k,) ascending are eigenvalues of (d, e), e.g. from `sterf`; ``d`` (n,) and
+    ``e`` (n − 1,) are not changed.
+
+    Returns
+    -------
+    vectors, info
+        Eigenvectors (n, k) in Fortran order and LAPACK's status: above 0, the number of
+        vectors that did not converge.
+    """
+    n = d.shape[0]
+    k = values.shape[0] if values.ndim == 1 else -1
+    if not 1 <= k <= n:
+        raise ValueError(f"between 1 and {n} eigenvalues expected, got shape {values.shape}")
+    diagonal = _vector(d, "d", n)
+    off = _vector(e, "e", max(n - 1, 0))
+    wanted = _vector(values, "values", k)
+    vectors = np.empty((n, k), order="F")
+    block = np.ones(k, dtype=np.int32)  # one block: (d, e) is taken whole, unsplit
+    split = np.array([n], dtype=np.int32)
+    work, iwork = np.empty(5 * n), np.empty(n, dtype=np.int32)
+    failed, info = np.empty(k, dtype=np.int32), ctypes.c_int(0)
+    _routine(cython_lapack, "dstein")(
+        _int(n), _at(diagonal), _at(off), _int(k), _at(wanted), _at(block), _at(split),
+        _at(vectors), _int(n), _at(work), _at(iwork), _at(failed), ctypes.byref(info),
+    )  # fmt: skip
+    return vectors, info.value
+
+
 def apply_reflectors(reduced: np.ndarray, tau: np.ndarray, z: np.ndarray) -> int:
     """Carry eigenvectors of the tridiagonal matrix back: z ← Q z, in place (``dormtr``, 'L').
 

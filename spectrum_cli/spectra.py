@@ -7,9 +7,10 @@ singular values. A wide matrix is decomposed as its transpose.
 
 On the CPU the Gram matrix is reduced to tridiagonal form once (LAPACK ``dsytrd``); all its
 eigenvalues come from that tridiagonal matrix (``dsterf``), and eigenvectors only for the top k
-(``dstemr``, then ``dormqr`` to carry them back), so the O(n³) work is one reduction and no
-more. The float32 matrix is converted to float64 a block of rows at a time, never whole. On a
-CUDA device, same-shaped matrices are decomposed as one batch with ``torch.linalg.eigh``.
+(``dstein``, inverse iteration from those eigenvalues, or ``dstemr`` where it does not
+converge; then ``dormqr`` to carry them back), so the O(n³) work is one reduction and no more.
+The float32 matrix is converted to float64 a block of rows at a time, never whole. On a CUDA
+device, same-shaped matrices are decomposed as one batch with ``torch.linalg.eigh``.
 
 Left vectors follow as W v / σ. Where the top-k reach singular values that are numerically
 zero, the matrix falls back to a direct float64 SVD so that no vector is made of noise.
@@ -407,19 +408,24 @@ def _top_eigenpairs(gram: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     d, e, tau, info = lapack.sytrd_lower(gram)
     _check_lapack("dsytrd", info)
 
-    # The top-k eigenpairs of T by MRRR, carried back by Q.
-    vectors = np.zeros((n, 0))
-    if k:
-        try:
-            _, vectors, info = lapack.stemr_top(d, e, k)  # (n, k)
-        except ArithmeticError as error:
-            raise DecompositionError(str(error)) from None
-        _check_lapack("dstemr", info)
-        _check_lapack("dormqr", lapack.apply_reflectors(gram, tau, vectors))
-
     # All eigenvalues of T, ascending.
     evals, info = lapack.sterf(d, e)
     _check_lapack("dsterf", info)
+
+    # The top-k eigenvectors of T by inverse iteration from those values (by MRRR where that
+    # does not converge), carried back by Q.
+    vectors = np.zeros((n, 0))
+    if k:
+        vectors, info = lapack.stein(d, e, evals[n - k :])  # (n, k)
+        if info > 0:
+            try:
+                _, vectors, info = lapack.stemr_top(d, e, k)
+            except ArithmeticError as error:
+                raise DecompositionError(str(error)) from None
+            _check_lapack("dstemr", info)
+        else:
+            _check_lapack("dstein", info)
+        _check_lapack("dormqr", lapack.apply_reflectors(gram, tau, vectors))
     return evals, vectors
 
 

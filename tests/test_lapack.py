@@ -39,13 +39,39 @@ def test_tridiagonal_route_gives_every_eigenvalue_and_the_top_eigenvectors(n):
     top, z, info = lapack.stemr_top(d, e, k)
     assert info == 0
     assert lapack.apply_reflectors(reduced, tau, z) == 0
+    by_values, info = lapack.stein(d, e, every[-k:])
+    assert info == 0
+    assert lapack.apply_reflectors(reduced, tau, by_values) == 0
 
     scale = values[-1]
     np.testing.assert_allclose(every, values, atol=1e-12 * scale)
     np.testing.assert_allclose(top, values[-k:], atol=1e-12 * scale)
-    # Eigenvectors up to sign: |zᵀ v| = 1 column by column.
-    overlap = np.abs(np.sum(z * vectors[:, -k:], axis=0))
-    np.testing.assert_allclose(overlap, 1.0, atol=1e-8)
+    # Eigenvectors up to sign: |zᵀ v| = 1 column by column, by MRRR and by inverse iteration.
+    for found in (z, by_values):
+        overlap = np.abs(np.sum(found * vectors[:, -k:], axis=0))
+        np.testing.assert_allclose(overlap, 1.0, atol=1e-8)
+
+
+def test_inverse_iteration_keeps_the_vectors_of_a_cluster_orthonormal():
+    # Eigenvalues 5 + 1e-9 i (ten of them), far above the rest: one tight cluster on top.
+    n, k = 60, 10
+    rng = np.random.default_rng(3)
+    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    values = np.concatenate([rng.uniform(0.1, 1.0, n - k), 5 + 1e-9 * np.arange(k)])
+    a = np.asfortranarray((q * values) @ q.T)
+    reduced = a.copy(order="F")
+    d, e, tau, _ = lapack.sytrd_lower(reduced)
+    every, _ = lapack.sterf(d, e)
+
+    z, info = lapack.stein(d, e, every[-k:])
+    assert info == 0
+    lapack.apply_reflectors(reduced, tau, z)
+
+    np.testing.assert_allclose(z.T @ z, np.eye(k), atol=1e-12)
+    np.testing.assert_allclose(np.linalg.norm(a @ z - z * every[-k:], axis=0), 0, atol=1e-12 * 5)
+    # They span the cluster's eigenspace: its projector is q_top q_topᵀ.
+    top = q[:, -k:]
+    np.testing.assert_allclose(z @ z.T, top @ top.T, atol=1e-8)
 
 
 def test_inputs_in_the_wrong_layout_are_refused():
@@ -72,6 +98,9 @@ def test_inputs_in_the_wrong_layout_are_refused():
         lambda: lapack.stemr_top(np.ones(5), np.ones(4), 0),
         lambda: lapack.stemr_top(np.ones(5), np.ones(4), 6),
         lambda: lapack.stemr_top(np.ones(5), np.ones(2), 2),
+        lambda: lapack.stein(np.ones(5), np.ones(4), np.ones(6)),
+        lambda: lapack.stein(np.ones(5), np.ones(4), np.ones((2, 2))),
+        lambda: lapack.stein(np.ones(5), np.ones(2), np.ones(2)),
     ],
 )
 def test_sizes_that_would_send_lapack_past_its_arrays_are_refused(call):

@@ -107,6 +107,35 @@ def test_top_vectors_match_where_separated():
     assert cos_u.min() >= 0.999 and cos_v.min() >= 0.999
 
 
+def test_where_inverse_iteration_does_not_converge_mrrr_gives_the_same_vectors(monkeypatch):
+    m, n, k = 400, 300, 12  # past the size below which LAPACK's dsyevd takes the whole matrix
+    sigma = np.concatenate([10.0 * 0.8 ** np.arange(k), np.linspace(0.5, 0.01, n - k)])
+    w, _, _ = known_spectrum(m, n, sigma, seed=5)
+    calls = []
+    inverse_iteration = spectra.lapack.stein
+
+    def not_converged(d, e, values):
+        calls.append(len(values))
+        vectors, _ = inverse_iteration(d, e, values)
+        return vectors, 1  # as dstein says when one vector did not converge
+
+    mrrr = spectra.lapack.stemr_top
+
+    def by_mrrr(d, e, wanted):
+        calls.append("mrrr")
+        return mrrr(d, e, wanted)
+
+    expected = decompose(w, top_k=k)
+    monkeypatch.setattr(spectra.lapack, "stein", not_converged)
+    monkeypatch.setattr(spectra.lapack, "stemr_top", by_mrrr)
+    fallen_back = decompose(w, top_k=k)
+
+    assert calls == [k, "mrrr"]
+    np.testing.assert_array_equal(fallen_back.sigma, expected.sigma)
+    np.testing.assert_allclose(fallen_back.u, expected.u, atol=1e-6)
+    np.testing.assert_allclose(fallen_back.v, expected.v, atol=1e-6)
+
+
 def test_signs_are_fixed_and_reconstruction_holds():
     w, _, _ = known_spectrum(80, 60, np.linspace(5, 1, 60), seed=4)
     spectrum = decompose(w, top_k=60)
