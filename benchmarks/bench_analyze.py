@@ -25,9 +25,9 @@ minilm
 startup
     ``spectrum --help``, and one tiny checkpoint analysed end to end.
 scaling
-    4 against 16 checkpoints of the series' shape: time and peak memory of the whole process
-    tree; a re-run after one new checkpoint arrived; a re-run over 1,000 already-stored
-    checkpoint files.
+    4 against 16 checkpoints of the series' shape, each twice (the faster time, the larger
+    peak): time and peak memory of the whole process tree; a re-run after one new checkpoint
+    arrived; a re-run over 1,000 already-stored checkpoint files.
 threads
     ``--workers 1`` against ``--workers 2`` on the series, and, on the matrices of two
     checkpoints, two matrices at once on one BLAS thread each against one at a time on two.
@@ -398,12 +398,22 @@ def part_scaling(work: Path, results: Results) -> None:
             if not link.exists():
                 link.symlink_to(path)
         runs[count] = run
-    measured = {}
-    for count, run in runs.items():
-        with peak_memory() as peak:
-            seconds = shell_analyze(run, work / f"scaling{count}.zarr")
-        measured[count] = (seconds, peak["bytes"])
-        print(f"  {count} checkpoints: {seconds:.1f} s, peak {peak['bytes'] / 2**20:.0f} MiB")
+    # Each count twice, alternately, into a new store: the faster time and the larger peak.
+    times: dict[int, list[float]] = {count: [] for count in runs}
+    peaks: dict[int, list[float]] = {count: [] for count in runs}
+    for _ in range(2):
+        for count, run in runs.items():
+            store = work / f"scaling{count}.zarr"
+            shutil.rmtree(store, ignore_errors=True)
+            with peak_memory() as peak:
+                times[count].append(shell_analyze(run, store))
+            peaks[count].append(peak["bytes"])
+    measured = {count: (min(times[count]), max(peaks[count])) for count in runs}
+    for count, (seconds, peak_bytes) in measured.items():
+        tried = ", ".join(f"{t:.1f}" for t in times[count])
+        print(
+            f"  {count} checkpoints: {seconds:.1f} s (of {tried}), peak {peak_bytes / 2**20:.0f} MiB"
+        )
     time_ratio = measured[16][0] / measured[4][0]
     memory_ratio = measured[16][1] / measured[4][1]
     # Fit time = fixed + marginal × checkpoints through the two points.
