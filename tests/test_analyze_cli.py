@@ -213,6 +213,22 @@ def test_ls_folds_long_names_and_never_cuts_them(spectrum, make_run, tmp_path):
     assert cells[0][3:] and cells[0][3].strip() == "12x8"
 
 
+def test_piped_tables_keep_each_row_on_one_line_for_grep(make_run, tmp_path, monkeypatch):
+    run = "digits-shuffled-labels-seed-1234567/spawn-sweep-learning-rate-0.001"
+    layer = "encoder.layers.11.attention.self.query_key_value.weight"
+    root = make_run(run, [0, 10], layers={layer: ((12, 8), torch.float32)})
+    store = tmp_path / "s.zarr"
+    assert run_cli("analyze", root, "--store", store).returncode == 0
+    monkeypatch.delenv("COLUMNS", raising=False)
+
+    for command in ("ls", "rank"):
+        done = run_cli(command, store)
+
+        assert done.returncode == 0, done.stderr
+        (row,) = [line for line in done.stdout.splitlines() if layer in line]
+        assert "12" in row and "8" in row  # the layer's shape, on the same line
+
+
 def test_ls_of_a_missing_store_is_one_line(spectrum, tmp_path):
     code, out, err = spectrum("ls", tmp_path / "missing.zarr")
 

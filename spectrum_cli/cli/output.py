@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import math
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,8 +16,25 @@ from typing import Any
 
 from rich.console import Console
 
+
+def _table_width() -> int | None:
+    """The width stdout's tables are laid out in: a terminal's own, or COLUMNS where set.
+
+    Piped with no COLUMNS, a table is as wide as it needs: each row stays one line, whole, for
+    ``grep`` and ``cut`` (Rich would otherwise fold it into 80 columns).
+    """
+    if "COLUMNS" in os.environ:
+        return None
+    try:
+        return None if sys.stdout.isatty() else _PIPED_WIDTH
+    except (AttributeError, ValueError):  # no stdout, or a closed one
+        return None
+
+
+_PIPED_WIDTH = 100_000
+
 # Lines are never wrapped: one message is one line, whatever the terminal width.
-console = Console(highlight=False, soft_wrap=True)
+console = Console(highlight=False, soft_wrap=True, width=_table_width())
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 # Errors and logs: on stderr like err_console, but --quiet does not silence them.
 error_console = Console(stderr=True, highlight=False, soft_wrap=True)
