@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from spectrum_cli.checkpoints import Checkpoint, discover
-from spectrum_cli.errors import SpectrumError, UsageError
+from spectrum_cli.errors import SpectrumError, StoreError, UsageError
 from spectrum_cli.store import NOT_COMPUTED, LayerResult, Store
 
 log = logging.getLogger(__name__)
@@ -173,13 +173,14 @@ def analyze(
     """
     started = time.perf_counter()
     root = root.resolve()
-    if scheduler is None:
-        _check_device(device)
     found = discover(root)
     summary = Summary(store=str(store_path), notes=list(found.notes))
     checkpoints = _outside(found.checkpoints, store_path, summary.notes)
     summary.runs = len({c.run for c in checkpoints})
     summary.checkpoints = len(checkpoints)
+    # The device is checked (which imports torch) only when there is something to decompose.
+    if scheduler is None and not _all_stored(store_path, checkpoints):
+        _check_device(device)
 
     with _remote(scheduler) as client, Store.writing(store_path, top_k) as store:
         # Allocate rows for every step first, then decompose what is not stored yet.
@@ -388,6 +389,18 @@ def _check_device(device: str) -> None:
         resolve_device(device)
     except (SpectrumError, RuntimeError) as error:
         raise UsageError(str(error)) from None
+
+
+def _all_stored(store_path: Path, checkpoints: list[Checkpoint]) -> bool:
+    """Whether the store already holds every checkpoint (False where it cannot be read)."""
+    if not (store_path / "zarr.json").is_file():
+        return False
+    try:
+        store = Store.open(store_path)
+        done = {run: set(store.done_steps(run)) for run in store.runs()}
+    except StoreError:
+        return False  # writing it will say why
+    return all(c.step in done.get(c.run, set()) for c in checkpoints)
 
 
 def _outside(checkpoints: list[Checkpoint], store_path: Path, notes: list[str]) -> list[Checkpoint]:

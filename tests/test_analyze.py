@@ -144,6 +144,25 @@ def test_new_checkpoints_alone_are_decomposed(make_run, tmp_path):
     assert (again.analysed, again.already_stored, again.ok) == (0, 4, True)
 
 
+def test_a_run_with_nothing_new_imports_neither_torch_nor_dask(make_run, tmp_path):
+    root = make_run("run", [0, 10])
+    store = tmp_path / "s.zarr"
+    analyze(root, store)
+    script = (
+        "import sys; from pathlib import Path; from spectrum_cli.analysis import analyze; "
+        f"summary = analyze(Path({str(root)!r}), Path({str(store)!r})); "
+        "print(summary.already_stored, 'torch' in sys.modules, 'distributed' in sys.modules)"
+    )
+
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["2", "False", "False"]
+    # A new checkpoint is decomposed as before.
+    make_run("run", [20])
+    assert analyze(root, store).analysed == 1
+
+
 def test_unreadable_checkpoint_stays_not_computed_and_is_retried(make_run, tmp_path):
     root = make_run("run", [0, 2])
     good = root / "run" / "step_1.safetensors"
