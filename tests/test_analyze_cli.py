@@ -200,17 +200,28 @@ def test_ls_folds_long_names_and_never_cuts_them(spectrum, make_run, tmp_path):
     store = tmp_path / "s.zarr"
     assert spectrum("analyze", root, "--store", store)[0] == 0
 
-    # Piped into an 80-column console, as `spectrum ls | less` is.
+    # Piped into an 80-column console, as `COLUMNS=80 spectrum ls | less` is.
     done = run_cli("ls", store, env={"COLUMNS": "80"})
 
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0].strip() == f"{store} (top 32 vectors)"  # the whole path, too
     assert max(len(line) for line in lines[1:]) <= 80 and "…" not in done.stdout
-    cells = [line.split("│") for line in lines if line.startswith("│")]
-    assert "".join(cell[1].strip() for cell in cells) == run
-    assert "".join(cell[2].strip() for cell in cells) == layer
-    assert cells[0][3:] and cells[0][3].strip() == "12x8"
+    # The run on lines of its own, then its layer with the numbers on the layer's first line:
+    # each name breaks only after a separator and reads whole when its lines are joined.
+    texts = [line.strip() for line in lines]
+    start = next(i for i, text in enumerate(texts) if text and run.startswith(text))
+    pieces: list[str] = []
+    while "".join(pieces) != run:
+        pieces.append(texts[start + len(pieces)])
+        assert run.startswith("".join(pieces)), pieces
+    first = start + len(pieces)
+    assert "12x8" in lines[first] and "0..10 (2)" in lines[first]
+    parts: list[str] = []
+    while "".join(parts) != layer:
+        parts.append(texts[first + len(parts)].split()[0])
+        assert layer.startswith("".join(parts)), parts
+    assert all(piece[-1] in "/._-" for piece in pieces[:-1] + parts[:-1]), (pieces, parts)
 
 
 def test_piped_tables_keep_each_row_on_one_line_for_grep(make_run, tmp_path, monkeypatch):

@@ -225,7 +225,7 @@ def test_summary_tables_fit_an_80_column_terminal(command, tmp_path):
 def test_names_fold_whole_within_the_width(name, width, indent):
     from rich.cells import cell_len
 
-    from spectrum_cli.cli.dynamics import _fold
+    from spectrum_cli.cli.output import _fold
 
     lines = _fold(name, width, indent).split("\n")
     kept = indent if width > len(indent) + 1 else ""

@@ -17,6 +17,7 @@ from spectrum_cli.cli.output import (
     error_console,
     print_csv,
     print_json,
+    print_summary_table,
     progress,
 )
 
@@ -98,8 +99,6 @@ def ls(
     output: Format = typer.Option(Format.table, "--format", help="table, csv or json."),
 ) -> None:
     """List the runs, steps and layers of a store, with shapes and status."""
-    from rich.table import Table
-
     from spectrum_cli.store import DONE, FAILED, Store
 
     opened = Store.open(store)
@@ -134,27 +133,25 @@ def ls(
             ]
         )
         return
-    table = Table(title=f"{store} (top {opened.top_k} vectors)")
-    # Names fold onto more lines rather than lose characters, whatever the width.
-    for column in ("run", "layer"):
-        table.add_column(column, overflow="fold")
-    for column in ("matrix", "tensor", "dtype", "steps", "done", "failed"):
-        table.add_column(column, no_wrap=True)
+    rows: list[tuple[str, ...]] = []
     for listed in runs:
         steps = listed["steps"]
         span = f"{steps[0]}..{steps[-1]} ({len(steps)})" if steps else "none"
         for row in listed["layers"]:
-            table.add_row(
-                listed["run"],
-                row["layer"],
-                "x".join(map(str, row["matrix_shape"])),
-                "x".join(map(str, row["tensor_shape"])),
-                row["dtype"],
-                span,
-                str(row["done"]),
-                str(row["failed"]),
+            rows.append(
+                (
+                    str(listed["run"]),
+                    str(row["layer"]),
+                    "x".join(map(str, row["matrix_shape"])),
+                    "x".join(map(str, row["tensor_shape"])),
+                    str(row["dtype"]),
+                    span,
+                    str(row["done"]),
+                    str(row["failed"]),
+                )
             )
-    console.print(table)
+    headers = ("run", "layer", "matrix", "tensor", "dtype", "steps", "done", "failed")
+    print_summary_table(f"{store} (top {opened.top_k} vectors)", headers, rows)
 
 
 def _cell(value: object) -> object:

@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -147,3 +148,105 @@ def _finite(value: Any) -> Any:
     if hasattr(value, "tolist"):
         return _finite(value.tolist())
     return value
+
+
+#: Columns of names, which may fold; every other column is a number and never wraps.
+_NAMES = ("run", "layer", "next layer", "via")
+
+
+def print_summary_table(title: str, headers: tuple[str, ...], table: list[tuple[str, ...]]) -> None:
+    """A table of one line per layer, each run named on a line of its own above its layers.
+
+    Meant for an 80-column terminal: numbers, steps and trends never wrap, and only names
+    (the columns in ``_NAMES``) fold, after their separators, when they are too long. ``table``
+    holds one tuple per layer, its run first; ``headers`` name the tuple's entries.
+    """
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    summary = Table(
+        title=title,
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        padding=(0, 1, 0, 0),
+    )
+    columns = headers[1:]
+    for header in columns:
+        name = header in _NAMES
+        summary.add_column(
+            header, justify="left" if name else "right", overflow="fold", no_wrap=not name
+        )
+
+    # Names break after their separators, in the width the numbers leave them.
+    cells = [(f"  {line[1]}", *line[2:]) for line in table]
+    heads = [line[0] for line in table]
+    widths = _name_widths(columns, cells, heads, console.width)
+    for i, (line, row) in enumerate(zip(table, cells, strict=True)):
+        # A line naming the run heads its layers; a blank line ends them.
+        if i == 0 or table[i - 1][0] != line[0]:
+            summary.add_row(Text(_fold(line[0], widths[0]), style="bold"))
+        last_of_run = i + 1 == len(table) or table[i + 1][0] != line[0]
+        folded = [
+            _fold(cell, widths[j], "    " if j == 0 else "  ") if j in widths else cell
+            for j, cell in enumerate(row)
+        ]
+        summary.add_row(*folded, end_section=last_of_run)
+    console.print(summary)
+
+
+#: Where a run or layer name may break: after any of these characters.
+_SEPARATORS = re.compile(r"[^/._:\-]+[/._:\-]*|[/._:\-]+")
+
+
+def _name_widths(
+    columns: tuple[str, ...], cells: list[tuple[str, ...]], heads: list[str], width: int
+) -> dict[int, int]:
+    """The width each name column gets: what the other columns leave, shared out fairly.
+
+    A name column narrower than its share keeps its own width and leaves the rest to the
+    others. The table has a space at each edge, and a padding space and a divider between
+    columns (``box.SIMPLE_HEAD``, no edge padding).
+    """
+    from rich.cells import cell_len
+
+    def natural(j: int) -> int:
+        texts = [row[j] for row in cells] + (heads if j == 0 else [])
+        return max([cell_len(columns[j]), *(cell_len(text) for text in texts)])
+
+    names = [j for j, header in enumerate(columns) if header in _NAMES]
+    numbers = sum(natural(j) for j, header in enumerate(columns) if header not in _NAMES)
+    free = width - 2 - 2 * (len(columns) - 1) - numbers
+    widths: dict[int, int] = {}
+    for j in sorted(names, key=natural):
+        share = max(free // (len(names) - len(widths)), 8)
+        widths[j] = min(natural(j), share)
+        free -= widths[j]
+    return widths
+
+
+def _fold(name: str, width: int, indent: str = "") -> str:
+    """``name`` in lines of at most ``width`` cells, broken after ``/ . _ - :`` where it can be.
+
+    Lines after the first start with ``indent``; a piece longer than a whole line is cut.
+    """
+    from rich.cells import cell_len
+
+    indent = indent if width > cell_len(indent) + 1 else ""
+    lines = [""]
+    for piece in _SEPARATORS.findall(name):
+        if lines[-1].strip() and cell_len(lines[-1] + piece) > width:
+            lines.append(indent)
+        lines[-1] += piece
+        while cell_len(lines[-1]) > width:
+            # Cut a piece that fills more than a line: as many characters as fit.
+            line = lines[-1]
+            start = len(indent) if len(lines) > 1 else 0
+            cut = len(line)
+            while cut > start + 1 and cell_len(line[:cut]) > width:
+                cut -= 1
+            if cut == len(line):
+                break
+            lines[-1:] = [line[:cut], indent + line[cut:]]
+    return "\n".join(lines)
