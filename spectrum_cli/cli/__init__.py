@@ -138,6 +138,9 @@ def _usage_message(error: Exception) -> str:
     format_message = getattr(error, "format_message", None)
     message = format_message() if callable(format_message) else str(error)
     message = " ".join(message.split())
+    # Typer words a bad value as its validator does ("Value error, 'x' is not one of …",
+    # "Input should be greater than or equal to 1"); say it plainly.
+    message = message.replace(": Value error, ", ": ").replace(": Input should be ", ": must be ")
     ctx = getattr(error, "ctx", None)
     if ctx is not None:
         message += f" (see '{ctx.command_path} --help')"
