@@ -288,9 +288,7 @@ def _emit(
 ) -> None:
     """Every row as JSON or CSV, or the one-line-per-layer summary as a table.
 
-    The table is meant for an 80-column terminal: each run is named on a line of its own
-    above its layers, one line each; numbers, steps and trends never wrap, and only names
-    fold when they are too long. ``table`` holds one tuple per layer, its run first.
+    ``table`` holds one tuple per layer, its run first, as `print_summary_table` lays out.
     """
     if output is Format.json:
         print_json(rows)

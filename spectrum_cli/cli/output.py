@@ -17,6 +17,9 @@ from typing import Any
 
 from rich.console import Console
 
+# The width of a table on a pipe: wider than any row, so that none is folded.
+_PIPED_WIDTH = 100_000
+
 
 def _table_width() -> int | None:
     """The width stdout's tables are laid out in: a terminal's own, or COLUMNS where set.
@@ -31,8 +34,6 @@ def _table_width() -> int | None:
     except (AttributeError, ValueError):  # no stdout, or a closed one
         return None
 
-
-_PIPED_WIDTH = 100_000
 
 # Lines are never wrapped: one message is one line, whatever the terminal width.
 console = Console(highlight=False, soft_wrap=True, width=_table_width())
