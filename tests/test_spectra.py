@@ -108,7 +108,7 @@ def test_top_vectors_match_where_separated():
 
 
 def test_where_inverse_iteration_does_not_converge_mrrr_gives_the_same_vectors(monkeypatch):
-    m, n, k = 400, 300, 12  # past the size below which LAPACK's dsyevd takes the whole matrix
+    m, n, k = 400, 300, 12  # n above spectra._SMALL: the tridiagonal route
     sigma = np.concatenate([10.0 * 0.8 ** np.arange(k), np.linspace(0.5, 0.01, n - k)])
     w, _, _ = known_spectrum(m, n, sigma, seed=5)
     calls = []
