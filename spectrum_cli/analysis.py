@@ -89,7 +89,7 @@ def _decompose_checkpoint(
     failed: dict[str, LayerResult] = {}
     finite: list[tuple[Any, Any]] = []
     try:
-        for name, tensor in load_tensors(path):
+        for name, tensor in load_tensors(path, numpy=True):
             info = matrix_info(name, tensor)
             if info is None:
                 continue

@@ -52,6 +52,10 @@ _HF_LAYOUTS = (
     ("pytorch_model.bin", "pytorch_model.bin.index.json"),
 )
 _HF_SHARD = re.compile(r"^(?:model|pytorch_model)-\d+-of-(\d+)\.(?:safetensors|bin)$")
+# The safetensors dtypes NumPy holds (not BF16, nor the F8 kinds).
+_NUMPY_DTYPES = frozenset(
+    ("F64", "F32", "F16", "I64", "I32", "I16", "I8", "U64", "U32", "U16", "U8", "BOOL")
+)
 _NOT_MODEL = re.compile(r"optim|rng|scheduler|scaler|training_args", re.IGNORECASE)
 # A weights file with the word "mask" in its stem holds a pruning mask, not a model.
 _MASK_FILE = re.compile(r"(?<![a-z])masks?(?![a-z])", re.IGNORECASE)
@@ -429,7 +433,7 @@ def read_metadata(path: Path) -> dict[str, str]:
     return {str(key): str(value) for key, value in metadata.items()}
 
 
-def load_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def load_tensors(path: Path, *, numpy: bool = False) -> Iterator[tuple[str, Any]]:
     """Yield the model weights of one checkpoint, one tensor at a time where the format allows.
 
     A weight pruned with ``torch.nn.utils.prune`` is saved as two tensors, ``fc.weight_orig``
@@ -440,10 +444,13 @@ def load_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     ----------
     path : Path
         A weights file, or a directory in Hugging Face layout (single file or shards).
+    numpy : bool
+        Yield NumPy arrays where the file allows: safetensors files whose dtypes NumPy has
+        (all but bfloat16 and the 8-bit floats) are then read without importing torch.
 
     Yields
     ------
-    tuple of (str, torch.Tensor)
+    tuple of (str, torch.Tensor or numpy.ndarray)
         The normalised state-dict key and its tensor, in the checkpoint's own order. Tensors of
         every dtype and shape are yielded; optimizer and scheduler state never are.
 
@@ -452,17 +459,22 @@ def load_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     CheckpointError
         As :func:`load_with_masks`.
     """
-    for name, tensor, mask in load_with_masks(path):
-        yield name, tensor if mask is None else tensor * mask.to(tensor.dtype)
+    for name, tensor, mask in load_with_masks(path, numpy=numpy):
+        if mask is not None:
+            mask = mask.astype(tensor.dtype) if _is_array(mask) else mask.to(tensor.dtype)
+            tensor = tensor * mask
+        yield name, tensor
 
 
-def load_with_masks(path: Path) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]:
+def load_with_masks(path: Path, *, numpy: bool = False) -> Iterator[tuple[str, Any, Any]]:
     """Yield a checkpoint's weights with the ``torch.nn.utils.prune`` mask of each pruned one.
 
     Parameters
     ----------
     path : Path
         A weights file, or a directory in Hugging Face layout (single file or shards).
+    numpy : bool
+        As for :func:`load_tensors`.
 
     Yields
     ------
@@ -477,8 +489,8 @@ def load_with_masks(path: Path) -> Iterator[tuple[str, torch.Tensor, torch.Tenso
     CheckpointError
         As :func:`load_tensors` without masks, and if the two halves of a pair differ in shape.
     """
-    pending: dict[str, tuple[str, torch.Tensor]] = {}
-    for name, tensor in _stored_tensors(path):
+    pending: dict[str, tuple[str, Any]] = {}
+    for name, tensor in _stored_tensors(path, numpy):
         half = next((end for end in (PRUNE_ORIG, PRUNE_MASK) if name.endswith(end)), None)
         if half is None:
             yield name, tensor, None
@@ -499,7 +511,11 @@ def load_with_masks(path: Path) -> Iterator[tuple[str, torch.Tensor, torch.Tenso
         yield layer + half, tensor, None
 
 
-def _stored_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def _is_array(value: Any) -> bool:
+    return type(value).__module__ == "numpy"
+
+
+def _stored_tensors(path: Path, numpy: bool = False) -> Iterator[tuple[str, Any]]:
     """The tensors of one checkpoint as stored, one at a time where the format allows.
 
     Raises
@@ -514,7 +530,8 @@ def _stored_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     indexed = _names_by_shard(index) if index is not None else {}
     seen: set[str] = set()
     for file in files:
-        tensors = _safetensors_tensors(file) if file.suffix == ".safetensors" else _pickled(file)
+        safetensors = file.suffix == ".safetensors"
+        tensors = _safetensors_tensors(file, numpy) if safetensors else _pickled(file)
         held = set()
         for name, tensor in tensors:
             if name in seen:
@@ -664,13 +681,16 @@ def _read_header(file: Path) -> dict[str, Any]:
     return header
 
 
-def _safetensors_tensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def _safetensors_tensors(file: Path, numpy: bool = False) -> Iterator[tuple[str, Any]]:
+    """A safetensors file's tensors: as NumPy arrays when asked and NumPy has every dtype."""
     from safetensors import SafetensorError, safe_open
 
-    keys = _stored_order(_read_header(file), file)
+    header = _read_header(file)
+    keys = _stored_order(header, file)
     names = _unique_names(keys, lightning=False, file=file)
+    numpy = numpy and all(header[key]["dtype"] in _NUMPY_DTYPES for key in keys)
     try:
-        with safe_open(file, framework="pt") as handle:
+        with safe_open(file, framework="numpy" if numpy else "pt") as handle:
             for key, name in zip(keys, names, strict=True):
                 yield name, handle.get_tensor(key)
     except (SafetensorError, OSError) as error:

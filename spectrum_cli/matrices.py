@@ -4,7 +4,8 @@ Every floating tensor with two or more dimensions is a matrix. A 2-D weight is t
 (out × in); a convolution kernel (out, in, k…) is flattened to out × (in·k…). Integer and
 boolean tensors, all 1-D tensors, and masks (keys ending in ``_mask``, as ``torch.nn.utils.prune``
 and attention masks are named) are skipped. Half-precision weights are upcast to float32 before
-decomposing (float64 weights are kept as they are); the stored dtype is recorded.
+decomposing (float64 weights are kept as they are); the stored dtype is recorded. Tensors may
+be torch tensors or NumPy arrays, and stay what they are.
 :func:`output_layer` names the matrix that pruning leaves whole by default.
 """
 
@@ -13,11 +14,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 
 from spectrum_cli.checkpoints import PRUNE_MASK
 from spectrum_cli.errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
 
 AS_STORED = "as stored (out × in)"
 FLATTENED = "kernel (out, in, k…) flattened to out × (in·k…)"
@@ -39,7 +44,7 @@ class MatrixInfo:
         return min(self.shape)
 
 
-def matrix_info(layer: str, tensor: torch.Tensor) -> MatrixInfo | None:
+def matrix_info(layer: str, tensor: torch.Tensor | np.ndarray) -> MatrixInfo | None:
     """Describe the matrix a tensor gives, or return None when it is not a matrix.
 
     Parameters
@@ -49,7 +54,7 @@ def matrix_info(layer: str, tensor: torch.Tensor) -> MatrixInfo | None:
     tensor
         The tensor as loaded; only its dtype and shape are read.
     """
-    if not tensor.dtype.is_floating_point or tensor.dim() < 2 or layer.endswith(PRUNE_MASK):
+    if not _floating(tensor.dtype) or len(tensor.shape) < 2 or layer.endswith(PRUNE_MASK):
         return None
     shape = tuple(int(d) for d in tensor.shape)
     if 0 in shape:
@@ -57,18 +62,29 @@ def matrix_info(layer: str, tensor: torch.Tensor) -> MatrixInfo | None:
     out = shape[0]
     rest = math.prod(shape[1:])
     formed = AS_STORED if len(shape) == 2 else FLATTENED
-    dtype = str(tensor.dtype).removeprefix("torch.")
+    dtype = str(tensor.dtype).removeprefix("torch.")  # torch.float16 and NumPy's float16 alike
     return MatrixInfo(layer, shape, (out, rest), dtype, formed)
 
 
-def as_matrix(tensor: torch.Tensor) -> torch.Tensor:
+def as_matrix(tensor: torch.Tensor | np.ndarray) -> Any:
     """Return the matrix of a weight tensor: (out, in, k…) becomes (out, in·k…).
 
     Half-precision and float32 weights give a float32 matrix; float64 weights stay float64, so
-    that no value is rounded (a finite 1e39 would become +Inf) before decomposing.
+    that no value is rounded (a finite 1e39 would become +Inf) before decomposing. A NumPy
+    array gives an array, a torch tensor a tensor.
     """
     matrix = tensor.reshape(tensor.shape[0], -1)  # (out, in·k…)
+    if isinstance(matrix, np.ndarray):
+        return matrix.astype(np.float64 if matrix.dtype == np.float64 else np.float32, copy=False)
+    import torch
+
     return matrix.to(torch.float64 if tensor.dtype == torch.float64 else torch.float32)
+
+
+def _floating(dtype: Any) -> bool:
+    """Whether a torch or NumPy dtype is a floating-point type."""
+    flag = getattr(dtype, "is_floating_point", None)
+    return bool(flag) if flag is not None else np.dtype(dtype).kind == "f"
 
 
 # Top-level modules that hold a model's output layer under the usual names: torchvision's

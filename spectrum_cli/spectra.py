@@ -12,6 +12,10 @@ converge; then ``dormqr`` to carry them back), so the O(n³) work is one reducti
 The float32 matrix is converted to float64 a block of rows at a time, never whole. On a CUDA
 device, same-shaped matrices are decomposed as one batch with ``torch.linalg.eigh``.
 
+Matrices come as NumPy arrays or torch tensors. The CPU route needs NumPy and SciPy only: torch
+is imported for torch tensors and accelerators, never to decompose arrays on the CPU, so that a
+run over safetensors files does not pay for importing it.
+
 Left vectors follow as W v / σ. Where the top-k reach singular values that are numerically
 zero, the matrix falls back to a direct float64 SVD so that no vector is made of noise.
 
@@ -21,26 +25,37 @@ each left vector is positive, and the right vector flips with it.
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
+import os
+import sys
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
-import torch
 
 from spectrum_cli import lapack
 from spectrum_cli.errors import SpectrumError, UsageError
 
+if TYPE_CHECKING:
+    import torch
+
 log = logging.getLogger(__name__)
 
+# A matrix as the engine takes it: a NumPy array, or a torch tensor on any device.
+Matrix = Union[np.ndarray, "torch.Tensor"]
+
 # Singular values below this fraction of σ₁ (times the size) are zero for float32 input.
-_ZERO_TOLERANCE = float(torch.finfo(torch.float32).eps)
+_ZERO_TOLERANCE = float(np.finfo(np.float32).eps)
 # The store keeps float32: larger singular values cannot be stored.
-_LARGEST = float(torch.finfo(torch.float32).max)
+_LARGEST = float(np.finfo(np.float32).max)
+# Device files without one of which no CUDA (or ROCm) device can be visible on Linux: NVIDIA's
+# driver, WSL's GPU bridge, AMD's compute driver.
+_ACCELERATOR_NODES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg", "/dev/kfd")
 # Rows of a float32 matrix converted to float64 at a time: about this many bytes.
 _BLOCK_BYTES = 8 << 20
 # Below this many columns (of the tall orientation) a full eigen-decomposition costs nothing.
@@ -83,16 +98,24 @@ class Spectrum:
     v: np.ndarray
 
 
-def resolve_device(name: str) -> torch.device:
-    """Turn ``auto``, ``cpu`` or ``cuda[:i]`` into a device; ``auto`` takes CUDA when present.
+def resolve_device(name: str) -> str:
+    """Turn ``auto``, ``cpu`` or ``cuda[:i]`` into ``cpu``, ``cuda`` or ``cuda:i``.
+
+    ``auto`` takes CUDA when present. Where no CUDA device can be present (a CPU build of
+    torch, or no accelerator driver), ``auto`` and ``cpu`` are answered without importing
+    torch.
 
     Raises
     ------
     UsageError
         When the name is not a device, not a CPU or CUDA device, or not on this machine.
     """
+    if name == "cpu" or (name == "auto" and not cuda_possible()):
+        return "cpu"
+    import torch
+
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -110,10 +133,28 @@ def resolve_device(name: str) -> torch.device:
             f"--device {name} asks for CUDA device {device.index}, but this machine has "
             f"{torch.cuda.device_count()}; use --device cuda or auto"
         )
-    return device
+    return str(device)
 
 
-def check_finite(matrix: torch.Tensor) -> None:
+def cuda_possible() -> bool:
+    """Whether a CUDA device could be visible here, told without importing torch.
+
+    No, for a CPU build of torch (its version ends in ``+cpu``), on macOS, and on Linux without
+    the device files an NVIDIA, WSL or ROCm driver makes; otherwise only torch can tell.
+    """
+    try:
+        if importlib.metadata.version("torch").endswith("+cpu"):
+            return False
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    if sys.platform == "darwin":
+        return False
+    if sys.platform.startswith("linux"):
+        return any(os.path.exists(node) for node in _ACCELERATOR_NODES)
+    return True
+
+
+def check_finite(matrix: Matrix) -> None:
     """Refuse a matrix whose singular values would not be finite in the float32 store.
 
     Raises
@@ -122,17 +163,17 @@ def check_finite(matrix: torch.Tensor) -> None:
         Naming how many NaN, +Inf and −Inf entries the matrix holds, or, for finite entries
         so large that σ₁ exceeds the largest float32 (3.4e38), the value of σ₁.
     """
-    # One pass without temporaries: NaN and ±Inf show in the extremes, and the largest entry
+    array = _as_array(matrix)
+    # Two passes without temporaries: NaN and ±Inf show in the extremes, and the largest entry
     # times √(mn) bounds the Frobenius norm, itself a bound on σ₁.
-    if matrix.numel():
-        low, high = torch.aminmax(matrix)
-        peak = max(abs(float(low)), abs(float(high)))
-        if np.isfinite(peak) and peak * float(np.sqrt(matrix.numel())) <= _LARGEST:
+    if array.size:
+        peak = max(abs(float(array.min())), abs(float(array.max())))
+        if np.isfinite(peak) and peak * float(np.sqrt(array.size)) <= _LARGEST:
             return
-    if bool(torch.isfinite(matrix).all()):
-        if float(torch.linalg.vector_norm(matrix, dtype=torch.float64)) <= _LARGEST:
+    if bool(np.isfinite(array).all()):
+        if float(np.linalg.norm(array.astype(np.float64).ravel())) <= _LARGEST:
             return
-        top = float(torch.linalg.matrix_norm(matrix.to(torch.float64), ord=2))
+        top = float(np.linalg.norm(array.astype(np.float64), ord=2))
         if top <= _LARGEST:
             return
         raise DecompositionError(
@@ -140,26 +181,26 @@ def check_finite(matrix: torch.Tensor) -> None:
             f"{_LARGEST:.3g}); such weights usually mean the run diverged"
         )
     counts = {
-        "NaN": int(torch.isnan(matrix).sum()),
-        "+Inf": int(torch.isposinf(matrix).sum()),
-        "-Inf": int(torch.isneginf(matrix).sum()),
+        "NaN": int(np.isnan(array).sum()),
+        "+Inf": int(np.isposinf(array).sum()),
+        "-Inf": int(np.isneginf(array).sum()),
     }
     found = ", ".join(f"{count} {kind}" for kind, count in counts.items() if count)
-    raise DecompositionError(f"non-finite entries ({found} of {matrix.numel()})")
+    raise DecompositionError(f"non-finite entries ({found} of {array.size})")
 
 
-def decompose(matrix: torch.Tensor, top_k: int, device: torch.device | None = None) -> Spectrum:
+def decompose(matrix: Matrix, top_k: int, device: str | torch.device | None = None) -> Spectrum:
     """Decompose one matrix: all singular values, top-k singular vectors, signs fixed.
 
     Parameters
     ----------
     matrix
-        An (m, n) floating matrix; float32 and float64 are read as they are, other floating
-        types are upcast to float32 first.
+        An (m, n) floating array or tensor; float32 and float64 are read as they are, other
+        floating types are upcast to float32 first.
     top_k
         How many singular vectors to keep; at most min(m, n) are kept.
     device
-        Where to compute; the CPU by default.
+        Where to compute (as `resolve_device` names it, or a torch device); the CPU by default.
 
     Returns
     -------
@@ -171,13 +212,13 @@ def decompose(matrix: torch.Tensor, top_k: int, device: torch.device | None = No
     DecompositionError
         When the matrix holds NaN or ±Inf, or singular values beyond the float32 range.
     """
-    return decompose_batch(matrix.unsqueeze(0), top_k, device)[0]
+    return decompose_batch([matrix], top_k, device)[0]
 
 
 def decompose_batch(
-    matrices: torch.Tensor | Sequence[torch.Tensor],
+    matrices: Matrix | Sequence[Matrix],
     top_k: int,
-    device: torch.device | None = None,
+    device: str | torch.device | None = None,
     *,
     side_by_side: int = 0,
     checked: bool = False,
@@ -191,7 +232,7 @@ def decompose_batch(
     Parameters
     ----------
     matrices
-        Floating (m, n) matrices, on any device.
+        Floating (m, n) arrays or tensors, the latter on any device.
     top_k
         How many singular vectors to keep per matrix; at most min(m, n) are kept.
     device
@@ -215,11 +256,10 @@ def decompose_batch(
         When any matrix holds NaN or ±Inf (see `check_finite`); the caller checks each matrix
         first when one bad matrix should not fail the others.
     """
-    device = device or torch.device("cpu")
     if not checked:
         for matrix in matrices:
             check_finite(matrix)
-    if device.type == "cpu":
+    if device is None or str(device) == "cpu":
         arrays = [_as_array(matrix) for matrix in matrices]
         if side_by_side < 1:
             return [decompose_on_cpu(array, top_k) for array in arrays]
@@ -227,19 +267,23 @@ def decompose_batch(
         futures = [pool.submit(decompose_on_cpu, array, top_k) for array in arrays]
         wait(futures)  # all of them, even when one fails, before anything is raised
         return [future.result() for future in futures]
+    import torch
+
+    device = torch.device(device)
     if isinstance(matrices, torch.Tensor):
         return _decompose_on_device(matrices, top_k, device)
+    tensors = [torch.as_tensor(matrix) for matrix in matrices]
 
     # Same-shaped matrices go to the device together, as many as fit a float64 budget.
-    out: list[Spectrum | None] = [None] * len(matrices)
+    out: list[Spectrum | None] = [None] * len(tensors)
     by_shape: dict[tuple[int, ...], list[int]] = {}
-    for index, matrix in enumerate(matrices):
+    for index, matrix in enumerate(tensors):
         by_shape.setdefault(tuple(matrix.shape), []).append(index)
     for (m, n), indices in by_shape.items():
         per_pass = max(1, _DEVICE_BUDGET_BYTES // (8 * (m * n + min(m, n) ** 2)))
         for start in range(0, len(indices), per_pass):
             chosen = indices[start : start + per_pass]
-            stack = torch.stack([matrices[i] for i in chosen])  # (B, m, n)
+            stack = torch.stack([tensors[i] for i in chosen])  # (B, m, n)
             spectra = _decompose_on_device(stack, top_k, device)
             for index, spectrum in zip(chosen, spectra, strict=True):
                 out[index] = spectrum
@@ -264,9 +308,11 @@ def one_blas_thread() -> Iterator[None]:
     last leaves. Enter it first from the main thread: OpenBLAS has been seen here to ignore a
     count set from another thread (Dask's worker processes start with one BLAS thread
     anyway). Torch's thread count belongs to each thread: each caller's is set to one, and
-    back to the count found by the first to enter.
+    back to the count found by the first to enter. Torch is left alone when nothing has
+    imported it.
     """
     global _blas_limit, _blas_users, _torch_threads
+    torch = sys.modules.get("torch")
     with _limit_lock:
         if _blas_users == 0:
             from threadpoolctl import threadpool_limits
@@ -274,14 +320,17 @@ def one_blas_thread() -> Iterator[None]:
             # Every BLAS this engine calls is loaded by now (lapack imports SciPy's); a
             # library loaded after the limit is set would keep its own thread count.
             _blas_limit = threadpool_limits(limits=1, user_api="blas")
-            _torch_threads = torch.get_num_threads()
+            if torch is not None:
+                _torch_threads = torch.get_num_threads()
         _blas_users += 1
-    torch.set_num_threads(1)
+    if torch is not None:
+        torch.set_num_threads(1)
     try:
         yield
     finally:
         with _limit_lock:
-            torch.set_num_threads(_torch_threads)
+            if torch is not None:
+                torch.set_num_threads(_torch_threads)
             _blas_users -= 1
             if _blas_users == 0 and _blas_limit is not None:
                 _blas_limit.restore_original_limits()
@@ -334,11 +383,17 @@ def decompose_on_cpu(matrix: np.ndarray, top_k: int) -> Spectrum:
     return _spectrum(sigma, left[0], right[0])
 
 
-def _as_array(matrix: torch.Tensor) -> np.ndarray:
+def _as_array(matrix: Matrix) -> np.ndarray:
     """The matrix as a CPU array, float32 or float64, without a copy where it can be."""
-    if matrix.dtype not in (torch.float32, torch.float64):
-        matrix = matrix.to(torch.float32)
-    return matrix.detach().cpu().numpy()
+    if not isinstance(matrix, np.ndarray):
+        import torch
+
+        if matrix.dtype not in (torch.float32, torch.float64):
+            matrix = matrix.to(torch.float32)
+        return matrix.detach().cpu().numpy()
+    if matrix.dtype in (np.float32, np.float64):
+        return matrix
+    return matrix.astype(np.float32)
 
 
 def _row_blocks(w: np.ndarray) -> list[slice]:
@@ -455,6 +510,8 @@ def _decompose_on_device(
     On a CUDA device each calling thread works on a stream of its own, from pinned host
     memory, so one worker's copies overlap another's decompositions.
     """
+    import torch
+
     if device.type != "cuda":
         return _decompose_stack(matrices, top_k, device)
     if device.index is None:
@@ -472,6 +529,8 @@ def _decompose_on_device(
 
 def _decompose_stack(matrices: torch.Tensor, top_k: int, device: torch.device) -> list[Spectrum]:
     """`_decompose_on_device` on the current stream."""
+    import torch
+
     batch, m, n = matrices.shape
 
     # Work on the tall orientation: a wide (m < n) matrix is decomposed as its transpose.
@@ -519,6 +578,8 @@ def _fix_signs(left, right):
         signs = np.sign(np.take_along_axis(left, peak, axis=-2))
         signs[signs == 0] = 1.0
         return left * signs, right * signs
+    import torch
+
     peak = left.abs().argmax(dim=-2, keepdim=True)  # (B, 1, k)
     signs = torch.sign(torch.gather(left, -2, peak))
     signs = torch.where(signs == 0, torch.ones_like(signs), signs)

@@ -163,6 +163,28 @@ def test_a_run_with_nothing_new_imports_neither_torch_nor_dask(make_run, tmp_pat
     assert analyze(root, store).analysed == 1
 
 
+def test_a_run_of_safetensors_files_on_the_cpu_never_imports_torch(make_run, tmp_path, monkeypatch):
+    root = make_run("run", [0, 10])
+    store = tmp_path / "s.zarr"
+    script = (
+        "import sys; from pathlib import Path; from spectrum_cli.analysis import analyze; "
+        f"summary = analyze(Path({str(root)!r}), Path({str(store)!r}), device='cpu'); "
+        "print(summary.analysed, summary.ok, 'torch' in sys.modules)"
+    )
+
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["2", "True", "False"]
+    # The same store, bit for bit, as from the tensors torch reads.
+    from spectrum_cli import checkpoints
+
+    load = checkpoints.load_tensors
+    monkeypatch.setattr(checkpoints, "load_tensors", lambda path, numpy: load(path))
+    analyze(root, tmp_path / "torch.zarr", device="cpu")
+    assert_same_store(store, tmp_path / "torch.zarr")
+
+
 def test_unreadable_checkpoint_stays_not_computed_and_is_retried(make_run, tmp_path):
     root = make_run("run", [0, 2])
     good = root / "run" / "step_1.safetensors"

@@ -10,6 +10,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import REAL
@@ -533,6 +534,39 @@ def test_prune_pairs_load_as_the_masked_weight(tmp_path: Path, suffix: str) -> N
     assert torch.equal(orig, net[0].weight_orig.detach()) and mask is not None
     assert torch.equal(mask, net[0].weight_mask)
     assert paired["2.weight"][1] is None
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_numpy_reading_gives_the_same_weights_and_names(tmp_path: Path, suffix: str) -> None:
+    from torch.nn.utils import prune
+
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Linear(6, 3).half())
+    prune.l1_unstructured(net[0], "weight", amount=0.5)
+    state = {key: value.detach().clone() for key, value in net.state_dict().items()}
+    state["steps"] = torch.arange(3)  # an integer buffer
+    path = tmp_path / f"step_1{suffix}"
+    torch.save(state, path) if suffix == ".pt" else save_file(state, path)
+
+    as_tensors = list(load_tensors(path))
+    as_arrays = list(load_tensors(path, numpy=True))
+
+    assert [name for name, _ in as_arrays] == [name for name, _ in as_tensors]
+    for (name, tensor), (_, array) in zip(as_tensors, as_arrays, strict=True):
+        # safetensors files come as NumPy arrays; torch.save files stay tensors.
+        assert isinstance(array, np.ndarray) == (suffix == ".safetensors"), name
+        assert str(array.dtype).removeprefix("torch.") == str(tensor.dtype).removeprefix("torch.")
+        np.testing.assert_array_equal(np.asarray(array), tensor.numpy(), err_msg=name)
+
+
+def test_numpy_reading_leaves_bfloat16_files_to_torch(tmp_path: Path) -> None:
+    path = tmp_path / "step_1.safetensors"
+    save_file({"fc.weight": torch.randn(4, 3).bfloat16(), "fc.bias": torch.zeros(4)}, path)
+
+    loaded = dict(load_tensors(path, numpy=True))
+
+    assert loaded["fc.weight"].dtype == torch.bfloat16
+    assert isinstance(loaded["fc.bias"], torch.Tensor)
 
 
 def test_a_lone_half_of_a_prune_pair_keeps_its_name(tmp_path: Path) -> None:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from spectrum_cli.errors import UsageError
-from spectrum_cli.matrices import matrix_info, output_layer
+from spectrum_cli.matrices import as_matrix, matrix_info, output_layer
 
 # Keys as a safetensors file stores them: sorted, so the head need not come last.
 RESNET = ["conv1.weight", "fc.weight", "layer1.0.conv1.weight", "layer4.1.conv2.weight"]
@@ -46,3 +47,16 @@ def test_masks_are_never_matrices():
     assert matrix_info("causal_mask", torch.ones(4, 4)) is None
     info = matrix_info("0.weight", torch.ones(4, 3, 2))
     assert info is not None and info.shape == (4, 6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64, torch.int64])
+def test_arrays_are_described_and_flattened_as_tensors_are(dtype):
+    tensor = torch.arange(24).reshape(4, 3, 2).to(dtype)
+    array = tensor.numpy()
+
+    assert matrix_info("conv.weight", array) == matrix_info("conv.weight", tensor)
+    if dtype != torch.int64:
+        matrix, from_tensor = as_matrix(array), as_matrix(tensor)
+        assert isinstance(matrix, np.ndarray) and matrix.shape == (4, 6)
+        assert str(matrix.dtype) == str(from_tensor.dtype).removeprefix("torch.")
+        np.testing.assert_array_equal(matrix, from_tensor.numpy())

@@ -282,15 +282,71 @@ def test_the_batched_accelerator_route_agrees_with_the_cpu_route(shape):
         np.testing.assert_allclose(ours.v, theirs.v, atol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["tensor", "array"])
 @pytest.mark.parametrize(
     ("value", "expected"),
     [(float("nan"), "1 NaN"), (float("inf"), "1 +Inf"), (float("-inf"), "1 -Inf")],
 )
-def test_non_finite_input_is_refused_with_its_reason(value, expected):
+def test_non_finite_input_is_refused_with_its_reason(value, expected, kind):
     w = torch.ones(5, 4)
     w[2, 1] = value
     with pytest.raises(DecompositionError, match=re.escape(f"({expected} of 20)")):
+        decompose(w if kind == "tensor" else w.numpy(), top_k=2)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_arrays_and_tensors_give_the_same_spectrum_bit_for_bit(dtype):
+    # Arrays (as safetensors files are read for analyze) take the route tensors take.
+    w, _, _ = known_spectrum(90, 60, np.logspace(0, -2, 60), seed=13)
+    array = w.numpy().astype(dtype)
+    from_array = decompose(array, top_k=8)
+    from_tensor = decompose(torch.from_numpy(array), top_k=8)
+    for field in ("sigma", "u", "v"):
+        np.testing.assert_array_equal(getattr(from_array, field), getattr(from_tensor, field))
+
+
+def test_singular_values_beyond_float32_are_refused_for_arrays_too():
+    # Finite float64 entries whose σ₁ cannot be stored in float32.
+    w = np.full((4, 3), 1e38)
+    with pytest.raises(DecompositionError, match="beyond the float32 range"):
         decompose(w, top_k=2)
+    decompose(w * 1e-2, top_k=2)  # σ₁ ≈ 3.5e36: stored
+
+
+@pytest.mark.parametrize(
+    ("version", "platform", "nodes", "possible"),
+    [
+        ("2.13.0+cpu", "linux", ["/dev/nvidiactl"], False),  # a CPU build never sees CUDA
+        ("2.13.0", "linux", [], False),  # no driver's device files
+        ("2.13.0", "linux", ["/dev/nvidiactl", "/dev/nvidia0"], True),
+        ("2.13.0+rocm6.4", "linux", ["/dev/kfd"], True),
+        ("2.13.0", "linux", ["/dev/dxg"], True),  # WSL
+        ("2.13.0", "darwin", [], False),
+        ("2.13.0", "win32", [], True),  # only torch can tell
+        (None, "linux", ["/dev/nvidiactl"], False),  # no torch installed
+    ],
+)
+def test_whether_cuda_is_possible_is_told_without_torch(
+    monkeypatch, version, platform, nodes, possible
+):
+    import importlib.metadata
+
+    def torch_version(name):
+        if version is None:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return version
+
+    monkeypatch.setattr(importlib.metadata, "version", torch_version)
+    monkeypatch.setattr(spectra.sys, "platform", platform)
+    monkeypatch.setattr(spectra.os.path, "exists", lambda path: path in nodes)
+    assert spectra.cuda_possible() is possible
+
+
+def test_auto_and_cpu_resolve_to_the_cpu_without_asking_torch(monkeypatch):
+    monkeypatch.setattr(spectra, "cuda_possible", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: pytest.fail("torch was asked"))
+    assert spectra.resolve_device("auto") == "cpu"
+    assert spectra.resolve_device("cpu") == "cpu"
 
 
 def test_zero_and_rank_deficient_matrices_give_finite_orthonormal_vectors():

@@ -179,6 +179,8 @@ def _evaluator(
     device: str,
     others: tuple[Path, ...] = (),
 ) -> Evaluator:
+    import torch
+
     from spectrum_cli.errors import UsageError
     from spectrum_cli.evaluation import evaluator_for
     from spectrum_cli.spectra import resolve_device
@@ -192,7 +194,7 @@ def _evaluator(
         data,
         batch_size=batch_size,
         max_examples=max_examples,
-        device=resolve_device(device),
+        device=torch.device(resolve_device(device)),
     )
 
 
