@@ -690,7 +690,10 @@ def _safetensors_tensors(file: Path, numpy: bool = False) -> Iterator[tuple[str,
     names = _unique_names(keys, lightning=False, file=file)
     numpy = numpy and all(header[key]["dtype"] in _NUMPY_DTYPES for key in keys)
     try:
-        with safe_open(file, framework="numpy" if numpy else "pt") as handle:
+        # NumPy arrays are read straight into memory of their own (pread): copied out of a
+        # mapping of the file, as by default, the checkpoint would be resident twice.
+        reading = {"framework": "numpy", "backend": "pread"} if numpy else {"framework": "pt"}
+        with safe_open(file, **reading) as handle:
             for key, name in zip(keys, names, strict=True):
                 yield name, handle.get_tensor(key)
     except (SafetensorError, OSError) as error:
