@@ -27,6 +27,8 @@ import functools
 import itertools
 import json
 import logging
+import math
+import mmap
 import os
 import pickle
 import re
@@ -52,10 +54,11 @@ _HF_LAYOUTS = (
     ("pytorch_model.bin", "pytorch_model.bin.index.json"),
 )
 _HF_SHARD = re.compile(r"^(?:model|pytorch_model)-\d+-of-(\d+)\.(?:safetensors|bin)$")
-# The safetensors dtypes NumPy holds (not BF16, nor the F8 kinds).
-_NUMPY_DTYPES = frozenset(
-    ("F64", "F32", "F16", "I64", "I32", "I16", "I8", "U64", "U32", "U16", "U8", "BOOL")
-)
+# NumPy's type for each safetensors dtype it holds (not BF16, nor the F8 kinds): little-endian.
+_NUMPY_DTYPES = {
+    "F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
+    "I8": "i1", "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?",
+}  # fmt: skip
 _NOT_MODEL = re.compile(r"optim|rng|scheduler|scaler|training_args", re.IGNORECASE)
 # A weights file with the word "mask" in its stem holds a pruning mask, not a model.
 _MASK_FILE = re.compile(r"(?<![a-z])masks?(?![a-z])", re.IGNORECASE)
@@ -690,14 +693,40 @@ def _safetensors_tensors(file: Path, numpy: bool = False) -> Iterator[tuple[str,
     names = _unique_names(keys, lightning=False, file=file)
     numpy = numpy and all(header[key]["dtype"] in _NUMPY_DTYPES for key in keys)
     try:
-        # NumPy arrays are read straight into memory of their own (pread): copied out of a
-        # mapping of the file, as by default, the checkpoint would be resident twice.
-        reading = {"framework": "numpy", "backend": "pread"} if numpy else {"framework": "pt"}
-        with safe_open(file, **reading) as handle:
+        # Opening checks the file's whole layout: each tensor's bytes lie inside it, sized as
+        # its dtype and shape say.
+        with safe_open(file, framework="numpy" if numpy else "pt") as handle:
+            if numpy:
+                yield from zip(names, _mapped_arrays(file, header, keys), strict=True)
+                return
             for key, name in zip(keys, names, strict=True):
                 yield name, handle.get_tensor(key)
     except (SafetensorError, OSError) as error:
         raise CheckpointError(f"cannot read {file} as safetensors: {error}") from error
+
+
+def _mapped_arrays(file: Path, header: dict[str, Any], keys: list[str]) -> Iterator[Any]:
+    """Read-only NumPy views of a checked safetensors file's tensors, mapped from the file.
+
+    Nothing is copied: pages are read as the arrays are, and a checkpoint is resident once
+    (safetensors' own NumPy arrays are copies, which cost a pass over the bytes and, from its
+    default mapping, a second resident copy).
+    """
+    import numpy as np
+
+    with open(file, "rb") as handle:
+        mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    (length,) = struct.unpack_from("<Q", mapping, 0)
+    start = 8 + length
+    for key in keys:
+        spec = header[key]
+        shape, dtype = tuple(spec["shape"]), np.dtype(_NUMPY_DTYPES[spec["dtype"]])
+        count = math.prod(shape)
+        if count == 0:
+            yield np.zeros(shape, dtype)
+            continue
+        offset = start + spec["data_offsets"][0]
+        yield np.frombuffer(mapping, dtype, count, offset).reshape(shape)
 
 
 def _stored_order(header: dict[str, Any], file: Path) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import struct
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -559,6 +560,33 @@ def test_numpy_reading_gives_the_same_weights_and_names(tmp_path: Path, suffix: 
         np.testing.assert_array_equal(np.asarray(array), tensor.numpy(), err_msg=name)
 
 
+@pytest.mark.parametrize(
+    ("tensors", "body", "expected"),
+    [
+        ({"w": ("F32", [10, 10], [0, 400])}, 100, "not fully covered"),
+        ({"w": ("F32", [10, 10], [0, 200])}, 200, "invalid shape, data type, or offset"),
+        ({"a": ("F32", [2, 2], [0, 16]), "b": ("F32", [2, 2], [8, 24])}, 24, "invalid offset"),
+        ({"w": ("F32", [2, 2], [100, 116])}, 16, "invalid offset"),
+        ({"w": ("F32", [2, 2], [0, 16])}, 32, "not fully covered"),
+    ],
+    ids=["short", "shape-and-size-differ", "overlapping", "beyond-the-end", "bytes-left-over"],
+)
+def test_numpy_reading_refuses_layouts_that_would_read_wrong_bytes(
+    tmp_path: Path, tensors: dict[str, tuple[str, list[int], list[int]]], body: int, expected: str
+) -> None:
+    # The arrays are views of the file's bytes: every tensor must lie where its header says.
+    header = {
+        key: {"dtype": dtype, "shape": shape, "data_offsets": offsets}
+        for key, (dtype, shape, offsets) in tensors.items()
+    }
+    encoded = json.dumps(header).encode()
+    path = tmp_path / "step_1.safetensors"
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + bytes(body))
+
+    with pytest.raises(CheckpointError, match=expected):
+        list(load_tensors(path, numpy=True))
+
+
 def test_numpy_reading_leaves_bfloat16_files_to_torch(tmp_path: Path) -> None:
     path = tmp_path / "step_1.safetensors"
     save_file({"fc.weight": torch.randn(4, 3).bfloat16(), "fc.bias": torch.zeros(4)}, path)
@@ -803,10 +831,12 @@ def test_unreadable_input_is_a_checkpoint_error_naming_the_path(
 
 
 @pytest.mark.parametrize("at", [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, -1])
-@pytest.mark.parametrize("kind", ["safetensors", "zip", "legacy"])
+@pytest.mark.parametrize("kind", ["safetensors", "zip", "legacy", "safetensors-numpy"])
 def test_a_file_truncated_anywhere_is_a_checkpoint_error(
     tmp_path: Path, kind: str, at: float
 ) -> None:
+    numpy = kind.endswith("numpy")
+    kind = kind.removesuffix("-numpy")
     path = tmp_path / ("step_1.safetensors" if kind == "safetensors" else "step_1.pt")
     if kind == "safetensors":
         save_file(dict(_weights()), path)
@@ -817,7 +847,7 @@ def test_a_file_truncated_anywhere_is_a_checkpoint_error(
     path.write_bytes(data[:cut])
 
     with pytest.raises(CheckpointError) as raised:
-        for _, tensor in load_tensors(path):
+        for _, tensor in load_tensors(path, numpy=numpy):
             tensor.sum()  # memory-mapped bytes are read only here
 
     assert str(path) in str(raised.value)

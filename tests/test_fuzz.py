@@ -24,6 +24,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -100,10 +101,16 @@ def mutated(draw: st.DrawFn, data: bytes) -> bytes:
 
 
 def read_everything(path: Path) -> None:
-    """What analyze does with a checkpoint: discover it, read metadata, load and touch tensors."""
+    """What analyze does with a checkpoint: discover it, read metadata, load and touch tensors,
+    as torch tensors and as the NumPy arrays analyze reads."""
     read_metadata(path)
-    for _, tensor in load_tensors(path):
-        tensor.to(torch.float64).sum()  # memory-mapped bytes are read only here
+    for numpy in (False, True):
+        for _, tensor in load_tensors(path, numpy=numpy):
+            # Memory-mapped bytes are read only here.
+            if isinstance(tensor, np.ndarray):
+                tensor.astype(np.float64).sum()
+            else:
+                tensor.to(torch.float64).sum()
 
 
 def assert_only_spectrum_errors(action: Callable[[], Any], path: Path) -> None:
