@@ -326,8 +326,7 @@ def _connect(scheduler: str) -> Any:
 def _layers_by_step(store: Store, run: str) -> dict[int, set[str]]:
     """The layers each stored checkpoint of a run held, stored or failed."""
     held: dict[int, set[str]] = defaultdict(set)
-    for layer in store.layers(run):
-        steps, status = store.status(run, layer)
+    for layer, (steps, status) in store.statuses(run).items():
         for step in steps[status != NOT_COMPUTED].tolist():
             held[step].add(layer)
     return held

@@ -42,6 +42,7 @@ lock file beside the store.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import logging
@@ -274,6 +275,36 @@ class Store:
             self._open[path] = _OpenLayer(group, {name: group[name] for name in ARRAYS})
         return self._open[path]
 
+    def _open_layers(self, run: str) -> dict[str, _OpenLayer]:
+        """The whole listed layers of a run, their documents read all at once.
+
+        A writer keeps them, as `_open_layer` does. A layer that is not whole here is left out,
+        for `_open_layer` to name the damage.
+        """
+        import zarr
+
+        unopened = [layer for layer in self.layers(run) if layer_path(run, layer) not in self._open]
+        members: dict[str, Any] = {}
+        if len(unopened) > 1:
+            with contextlib.suppress(*_DAMAGED):
+                members = dict(self._node(run_path(run)).members(max_depth=1))
+        found = {}
+        for layer in self.layers(run):
+            path, name = layer_path(run, layer), _segment(layer)
+            if path in self._open:
+                found[layer] = self._open[path]
+                continue
+            group = members.get(name)
+            arrays = {array: members.get(f"{name}/{array}") for array in ARRAYS}
+            if not isinstance(group, zarr.Group) or not all(
+                isinstance(array, zarr.Array) for array in arrays.values()
+            ):
+                continue
+            found[layer] = _OpenLayer(group, arrays)
+            if self._writable:
+                self._groups[path], self._open[path] = group, found[layer]
+        return found
+
     def _node(self, path: str) -> Any:
         """The group at a path inside the store; StoreError if its document is damaged.
 
@@ -294,9 +325,29 @@ class Store:
 
     def status(self, run: str, layer: str) -> tuple[np.ndarray, np.ndarray]:
         """(steps, status) of every allocated row, sorted by step."""
-        steps, status = self._row_status(run, layer)
-        order = np.argsort(steps, kind="stable")
-        return steps[order], status[order]
+        return _by_step(*self._row_status(run, layer))
+
+    def statuses(self, run: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """`status` of every layer of a run, in listed order, the rows read all at once."""
+        opened = self._open_layers(run)
+        reads = [
+            opened[layer].arrays[name].async_array.getitem(slice(None))
+            for layer in opened
+            for name in ("step", "status")
+        ]
+        try:
+            rows = iter(_concurrently(reads))
+        except _DAMAGED:
+            rows, opened = iter(()), {}  # read one by one below, which names the damaged array
+        done = self.done_steps(run)
+        return {
+            layer: (
+                _by_step(*_marked(next(rows), next(rows), done))
+                if layer in opened
+                else self.status(run, layer)
+            )
+            for layer in self.layers(run)
+        }
 
     def _row_status(self, run: str, layer: str) -> tuple[np.ndarray, np.ndarray]:
         """(steps, status) in row order; rows of steps not done read as not computed."""
@@ -305,8 +356,7 @@ class Store:
         arrays = opened.arrays if opened is not None else group
         with self._reading(run, layer):
             steps, status = arrays["step"][:], arrays["status"][:]
-        done = np.isin(steps, np.asarray(self.done_steps(run), dtype=np.int64))
-        return steps, np.where(done, status, NOT_COMPUTED).astype(np.uint8)
+        return _marked(steps, status, self.done_steps(run))
 
     def read(
         self,
@@ -377,6 +427,7 @@ class Store:
         new = [s for s in sorted(set(steps)) if s not in set(known)]
         if new:
             group.attrs["steps"] = known + new
+        self._open_layers(run)
         _concurrently(
             self._ensure_rows(self._open_layer(run, layer), known + new)
             for layer in self.layers(run)
@@ -544,6 +595,20 @@ class Store:
     def _require_writable(self) -> None:
         if not self._writable:
             raise StoreError(f"{self.path} was opened for reading")
+
+
+def _marked(
+    steps: np.ndarray, status: np.ndarray, done: list[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows' (steps, status) with the rows of steps not marked done read as not computed."""
+    finished = np.isin(steps, np.asarray(done, dtype=np.int64))
+    return steps, np.where(finished, status, NOT_COMPUTED).astype(np.uint8)
+
+
+def _by_step(steps: np.ndarray, status: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, status) sorted by step."""
+    order = np.argsort(steps, kind="stable")
+    return steps[order], status[order]
 
 
 def _concurrently(operations: Iterable[Awaitable[Any]]) -> list[Any]:

@@ -91,6 +91,32 @@ def test_read_returns_done_rows_sorted_by_step(tmp_path):
     assert store.done_steps("r") == [3, 5]
 
 
+def test_statuses_of_a_run_equal_each_layers_status(tmp_path):
+    path = tmp_path / "s.zarr"
+    layers = ["a", "b.weight", "c"]
+    with Store.writing(path, top_k=2) as store:
+        store.add_steps("r", [4, 2])
+        store.write_checkpoint("r", 4, [result(name, 4, 3, 2) for name in layers], {})
+        store.add_steps("r", [3])
+        failed = LayerResult("c", (4, 3), (4, 3), "float32", "as stored", failure="NaN")
+        store.write_checkpoint("r", 3, [result("a", 4, 3, 2), failed], {})
+        written = store.statuses("r")
+
+    reader = Store.open(path)
+    for statuses in (written, reader.statuses("r")):
+        assert list(statuses) == reader.layers("r")
+        for layer, (steps, status) in statuses.items():
+            expected = reader.status("r", layer)
+            assert steps.tolist() == expected[0].tolist() == [2, 3, 4]
+            assert status.tolist() == expected[1].tolist()
+    assert written["c"][1].tolist() == [NOT_COMPUTED, FAILED, DONE]
+
+    # A damaged array is named, as reading its layer alone names it.
+    (path / "r" / "b.weight" / "status" / "zarr.json").write_text("{")
+    with pytest.raises(StoreError, match=r"b\.weight.*damaged|damaged.*b\.weight"):
+        Store.open(path).statuses("r")
+
+
 def test_failures_and_shape_changes_are_recorded_not_stored(tmp_path):
     path = tmp_path / "s.zarr"
     with Store.writing(path, top_k=2) as store:

@@ -105,9 +105,8 @@ def ls(
     runs: list[dict[str, Any]] = []
     for run in opened.runs():
         layers: list[dict[str, Any]] = []
-        for layer in opened.layers(run):
+        for layer, (_, status) in opened.statuses(run).items():
             attrs = opened.layer_attrs(run, layer)
-            _, status = opened.status(run, layer)
             layers.append(
                 {
                     "layer": layer,
