@@ -170,6 +170,9 @@ def test_rank_csv_table_and_selection(known_store):
     assert len(lines) == 4
     assert "0..10" in out and "▄▄▄" in out
     assert "Traceback" not in out
+    # Shapes as ls writes them, so that one grep finds a layer in both.
+    assert all(("12x10" in line) == ("fc1" in line) for line in lines)
+    assert all(("6x12" in line) == ("fc2" in line) for line in lines)
 
 
 LONG_RUN = "sweeps/lr-0.003/spawned-at-2000/child-a-with-another-data-order"

@@ -19,6 +19,7 @@ from spectrum_cli.cli.output import (
     print_json,
     print_summary_table,
     progress,
+    shape_text,
 )
 
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -141,8 +142,8 @@ def ls(
                 (
                     str(listed["run"]),
                     str(row["layer"]),
-                    "x".join(map(str, row["matrix_shape"])),
-                    "x".join(map(str, row["tensor_shape"])),
+                    shape_text(row["matrix_shape"]),
+                    shape_text(row["tensor_shape"]),
                     str(row["dtype"]),
                     span,
                     str(row["done"]),
@@ -155,7 +156,7 @@ def ls(
 
 def _cell(value: object) -> object:
     """A shape as ``64x288`` in a CSV cell."""
-    return "x".join(map(str, value)) if isinstance(value, list) else value
+    return shape_text(value) if isinstance(value, list) else value
 
 
 def _escape(text: str) -> str:

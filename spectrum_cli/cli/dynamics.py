@@ -23,6 +23,7 @@ from spectrum_cli.cli.output import (
     print_json,
     print_summary_table,
     progress,
+    shape_text,
 )
 
 _STORE = typer.Argument(Path("spectrum.zarr"), help="The spectra store `spectrum analyze` wrote.")
@@ -97,12 +98,12 @@ def rank(
     _emit(
         output,
         rows(series),
-        headers=("run", "layer", "m×n", "steps", "first", "last", "min", "norm.", "trend"),
+        headers=("run", "layer", "matrix", "steps", "first", "last", "min", "norm.", "trend"),
         table=[
             (
                 one.run,
                 one.layer,
-                f"{one.shape[0]}×{one.shape[1]}",
+                shape_text(one.shape),
                 _span(one.steps),
                 _number(one.metrics["effective_rank"][0]),
                 _number(one.metrics["effective_rank"][-1]),

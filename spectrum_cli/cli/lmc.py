@@ -17,6 +17,7 @@ from spectrum_cli.cli.output import (
     figure_path,
     print_csv,
     print_json,
+    shape_text,
 )
 
 if TYPE_CHECKING:
@@ -262,7 +263,7 @@ def _lmc_tables(report: ConnectivityReport) -> None:
     if aligned:
         layers.add_column("aligned", justify="right")
     for row in report.layers:
-        cells = [row.layer, "x".join(map(str, row.matrix_shape)), cell(row.agreement, 3)]
+        cells = [row.layer, shape_text(row.matrix_shape), cell(row.agreement, 3)]
         if aligned:
             cells.append(cell(row.aligned_agreement, 3))
         layers.add_row(*cells)
@@ -295,9 +296,7 @@ def _pruning_tables(report: PruningReport) -> None:
         layers.add_column(column, justify="left" if column == "layer" else "right")
     for layer in report.layers:
         kept = str(layer.kept) if layer.pruned else f"{layer.kept} (output layer, whole)"
-        layers.add_row(
-            layer.layer, "x".join(map(str, layer.matrix_shape)), str(layer.rank_bound), kept
-        )
+        layers.add_row(layer.layer, shape_text(layer.matrix_shape), str(layer.rank_bound), kept)
     console.print(layers)
 
 

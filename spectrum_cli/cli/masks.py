@@ -16,6 +16,7 @@ from spectrum_cli.cli.output import (
     figure_path,
     print_csv,
     print_json,
+    shape_text,
 )
 
 if TYPE_CHECKING:
@@ -189,7 +190,7 @@ def _one_checkpoint(
             [
                 {
                     "layer": r.layer,
-                    "matrix_shape": "x".join(map(str, r.matrix_shape)),
+                    "matrix_shape": shape_text(r.matrix_shape),
                     "density": r.density,
                     "agreement": r.agreement,
                     "random_agreement": r.random_agreement,
@@ -219,7 +220,7 @@ def _one_checkpoint(
         )
         table.add_row(
             r.layer,
-            "x".join(map(str, r.matrix_shape)),
+            shape_text(r.matrix_shape),
             f"{r.density:.3f}",
             f"{r.agreement:.3f}",
             f"{r.random_agreement:.3f}",

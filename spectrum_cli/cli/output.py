@@ -57,6 +57,11 @@ class SummaryFormat(str, Enum):
     json = "json"
 
 
+def shape_text(shape: Any) -> str:
+    """A shape as tables and CSV cells write it, ``64x288``: ASCII, so ``grep 64x288`` finds it."""
+    return "x".join(map(str, shape))
+
+
 def print_json(value: Any) -> None:
     """Write JSON to stdout, plain (no colour, no wrapping), one document.
 
