@@ -121,6 +121,16 @@ def test_identical_decompositions_agree_fully():
     assert agreement_score(u, v, u, v) == pytest.approx(1.0)
 
 
+def test_float32_vectors_a_rounding_above_unit_agree_at_most_fully():
+    # Stored vectors are float32: their norms, and so self-overlaps, can exceed 1 slightly.
+    u = np.full((3, 1), np.float32(1 / np.sqrt(3)) * np.float32(1 + 2e-7), dtype=np.float32)
+    v = np.ones((1, 1), dtype=np.float32)
+    assert float(np.sum(u.astype(np.float64) ** 2)) > 1
+    assert agreement_matrix(u, v, u, v)[0, 0] == 1.0
+    assert agreement_diagonal(u, v, u, v)[0] == 1.0
+    assert agreement_score(u, v, u, v) == 1.0
+
+
 def test_rotated_pair_by_hand():
     # Rotate u_1, u_2 and v_1, v_2 by theta in their planes: u'_1·u_1 = v'_1·v_1 = cos theta,
     # u'_1·u_2 = v'_1·v_2 = sin theta, so S_11 = S_22 = cos² theta and S_12 = S_21 = sin² theta.

@@ -13,6 +13,8 @@ mode connectivity) and for a matrix against its masked self (lottery tickets).
 
 Vectors are columns, ``u`` of shape ``(..., m, k)`` and ``v`` of shape ``(..., n, k)``, as the
 store keeps them; leading axes broadcast, so one reference compares against many steps.
+Stored vectors are float32, unit to within its rounding, so an overlap can come out a few
+parts in 10⁹ above 1: entries are capped at 1, which no true overlap exceeds.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def agreement_matrix(
     n = _count(u_a, v_a, u_b, v_b, n)
     uu = np.swapaxes(_f64(u_a)[..., :n], -1, -2) @ _f64(u_b)[..., :n]  # (..., n, n)
     vv = np.swapaxes(_f64(v_a)[..., :n], -1, -2) @ _f64(v_b)[..., :n]  # (..., n, n)
-    return np.abs(uu * vv)
+    return np.minimum(np.abs(uu * vv), 1.0)
 
 
 def agreement_diagonal(
@@ -68,7 +70,7 @@ def agreement_diagonal(
     n = _count(u_a, v_a, u_b, v_b, n)
     uu = (_f64(u_a)[..., :n] * _f64(u_b)[..., :n]).sum(axis=-2)  # (..., n)
     vv = (_f64(v_a)[..., :n] * _f64(v_b)[..., :n]).sum(axis=-2)  # (..., n)
-    return np.abs(uu * vv)
+    return np.minimum(np.abs(uu * vv), 1.0)
 
 
 def diagonal_score(diagonal: np.ndarray) -> np.ndarray:
