@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -144,20 +145,31 @@ def test_new_checkpoints_alone_are_decomposed(make_run, tmp_path):
     assert (again.analysed, again.already_stored, again.ok) == (0, 4, True)
 
 
+def _analyze_in_a_child(root: Path, store: Path, arguments: str, printed: str) -> list[str]:
+    """Call analyze in a fresh interpreter, so its imports are its own; what it printed."""
+    script = (
+        "import sys; from pathlib import Path; from spectrum_cli.analysis import analyze; "
+        f"summary = analyze(Path({str(root)!r}), Path({str(store)!r}){arguments}); "
+        f"print({printed})"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()
+
+
 def test_a_run_with_nothing_new_imports_neither_torch_nor_dask(make_run, tmp_path):
     root = make_run("run", [0, 10])
     store = tmp_path / "s.zarr"
     analyze(root, store)
-    script = (
-        "import sys; from pathlib import Path; from spectrum_cli.analysis import analyze; "
-        f"summary = analyze(Path({str(root)!r}), Path({str(store)!r})); "
-        "print(summary.already_stored, 'torch' in sys.modules, 'distributed' in sys.modules)"
+
+    printed = _analyze_in_a_child(
+        root,
+        store,
+        "",
+        "summary.already_stored, 'torch' in sys.modules, 'distributed' in sys.modules",
     )
 
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["2", "False", "False"]
+    assert printed == ["2", "False", "False"]
     # A new checkpoint is decomposed as before.
     make_run("run", [20])
     assert analyze(root, store).analysed == 1
@@ -166,16 +178,12 @@ def test_a_run_with_nothing_new_imports_neither_torch_nor_dask(make_run, tmp_pat
 def test_a_run_of_safetensors_files_on_the_cpu_never_imports_torch(make_run, tmp_path, monkeypatch):
     root = make_run("run", [0, 10])
     store = tmp_path / "s.zarr"
-    script = (
-        "import sys; from pathlib import Path; from spectrum_cli.analysis import analyze; "
-        f"summary = analyze(Path({str(root)!r}), Path({str(store)!r}), device='cpu'); "
-        "print(summary.analysed, summary.ok, 'torch' in sys.modules)"
+
+    printed = _analyze_in_a_child(
+        root, store, ", device='cpu'", "summary.analysed, summary.ok, 'torch' in sys.modules"
     )
 
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["2", "True", "False"]
+    assert printed == ["2", "True", "False"]
     # The same store, bit for bit, as from the tensors torch reads.
     from spectrum_cli import checkpoints
 
