@@ -66,14 +66,17 @@ def decompose_checkpoint(
     ``side_by_side`` N on the pool of N threads this process's tasks share, each on one core
     (see `spectra.decompose_batch`); on an accelerator, same-shaped matrices go as a batch. A matrix with non-finite
     entries becomes a failure that names the reason, and the rest go on. An unreadable
-    checkpoint becomes an outcome with ``error`` set rather than an exception, so one bad file
-    stops nothing else.
+    checkpoint, or any other error, becomes an outcome with ``error`` set rather than an
+    exception, so one bad file stops nothing else and the run reports it in one line.
     """
     from spectrum_cli.spectra import one_blas_thread, resolve_device
 
-    # One BLAS thread per matrix, so that matrices and tasks side by side never oversubscribe.
-    with one_blas_thread():
-        return _decompose_checkpoint(Path(path), top_k, resolve_device(device), side_by_side)
+    try:
+        # One BLAS thread per matrix: matrices and tasks side by side never oversubscribe.
+        with one_blas_thread():
+            return _decompose_checkpoint(Path(path), top_k, resolve_device(device), side_by_side)
+    except Exception as error:  # Dask would log a raised one at length, past --quiet
+        return CheckpointOutcome(error=f"{type(error).__name__}: {error}")
 
 
 def _decompose_checkpoint(

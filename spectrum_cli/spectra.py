@@ -25,6 +25,7 @@ each left vector is positive, and the right vector flips with it.
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import logging
 import os
@@ -313,6 +314,10 @@ def one_blas_thread() -> Iterator[None]:
     """
     global _blas_limit, _blas_users, _torch_threads
     torch = sys.modules.get("torch")
+    if torch is not None:
+        # Another thread may be importing it now (reading a torch.save file): importing it
+        # here too waits for that to finish, where the half-made module would lack functions.
+        torch = importlib.import_module("torch")
     with _limit_lock:
         if _blas_users == 0:
             from threadpoolctl import threadpool_limits

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import zipfile
@@ -242,6 +243,29 @@ def test_a_failing_task_fails_its_checkpoint_only(make_run, tmp_path, monkeypatc
     (failure,) = summary.failed_checkpoints
     assert failure.endswith("(run run, step 1): MemoryError: worker ran out of memory")
     assert Store.open(tmp_path / "s.zarr").done_steps("run") == [0, 2]
+
+
+def test_an_error_inside_a_task_is_one_failure_line_and_nothing_logged(
+    make_run, tmp_path, monkeypatch, caplog
+):
+    root = make_run("run", [0, 1, 2])
+    decompose = analysis._decompose_checkpoint
+
+    def broken(path, *args):
+        if path.name == "step_1.safetensors":
+            raise AttributeError("module 'torch' has no attribute 'set_num_threads'")
+        return decompose(path, *args)
+
+    monkeypatch.setattr(analysis, "_decompose_checkpoint", broken)
+    summary = analyze(root, tmp_path / "s.zarr")
+
+    (failure,) = summary.failed_checkpoints
+    assert failure.endswith(
+        "(run run, step 1): AttributeError: module 'torch' has no attribute 'set_num_threads'"
+    )
+    assert Store.open(tmp_path / "s.zarr").done_steps("run") == [0, 2]
+    # Dask logs a task that raises at length ("Compute Failed"); this one returned its error.
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
 def test_a_layer_missing_from_some_checkpoints(make_run, tmp_path):

@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import (
     _TERMINAL_VARIABLES,
+    REAL,
     run_cli,
     run_cli_on_a_terminal,
     save_checkpoint,
@@ -256,6 +257,17 @@ def test_piped_subprocess_shows_no_progress(make_run, tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("1 run, 2 checkpoints") and len(done.stdout.splitlines()) == 1
     assert not CONTROL.search(done.stdout + done.stderr)
+
+
+@pytest.mark.skipif(not (REAL / "mnist-two-seeds").is_dir(), reason="real checkpoints absent")
+def test_torch_save_files_in_a_fresh_process_all_decompose(tmp_path):
+    # Here worker threads import torch to read the files while others decompose: no thread
+    # may see torch half-imported.
+    done = run_cli("analyze", REAL / "mnist-two-seeds", "--store", tmp_path / "s.zarr")
+
+    assert done.returncode == 0, done.stderr
+    assert all(line.startswith("note: run edpt") for line in done.stderr.splitlines())
+    assert done.stdout.startswith("2 runs, 10 checkpoints")
 
 
 @pytest.mark.parametrize("quiet", [False, True])

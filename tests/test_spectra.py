@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -204,6 +206,36 @@ def test_callers_sharing_a_pool_never_exceed_its_size(monkeypatch, side_by_side)
         task.join()
 
     assert 1 <= most[0] <= side_by_side
+
+
+def test_one_blas_thread_waits_for_torch_half_imported_by_another_thread(tmp_path):
+    # A stand-in torch that takes a second to import: while another thread imports it, the
+    # module is in sys.modules without its functions yet.
+    fake = tmp_path / "torch"
+    fake.mkdir()
+    (fake / "__init__.py").write_text(
+        "import time\n"
+        "calls = []\n"
+        "time.sleep(1.0)\n"
+        "def get_num_threads():\n    return 4\n"
+        "def set_num_threads(count):\n    calls.append(count)\n"
+    )
+    script = (
+        "import sys, threading, time\n"
+        f"sys.path.insert(0, {str(tmp_path)!r})\n"
+        "from spectrum_cli.spectra import one_blas_thread\n"
+        "importer = threading.Thread(target=__import__, args=('torch',))\n"
+        "importer.start()\n"
+        "while 'torch' not in sys.modules:\n    time.sleep(0.005)\n"
+        "with one_blas_thread():\n    pass\n"
+        "importer.join()\n"
+        "print(sys.modules['torch'].calls)\n"
+    )
+
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[1, 4]"  # set to one inside, then back to the count found
 
 
 def test_one_blas_thread_reaches_every_blas_and_lifts_when_the_last_leaves():
