@@ -4,7 +4,7 @@
   curves, and the run's training and validation metrics beside them when it has any;
 - :func:`stability_figure`: the top-10 agreement score (layer × step) and, per layer, the
   agreement diagonal (index × step);
-- :func:`alignment_figure`: the same two views for pairs of consecutive layers.
+- :func:`alignment_figure`: the same two views for pairs of layers.
 
 Figures are built on :class:`matplotlib.figure.Figure` directly, never through pyplot, so
 nothing here touches global state or needs a display. Steps are placed at equal spacing and
@@ -115,7 +115,7 @@ def stability_figure(run: str, series: Sequence[DiagonalSeries], reference: str)
 
 
 def alignment_figure(run: str, series: Sequence[DiagonalSeries]) -> Figure:
-    """Alignment of one run's consecutive layers over training.
+    """Alignment of one run's layer pairs (consecutive, or as named) over training.
 
     Parameters
     ----------
@@ -134,7 +134,7 @@ def alignment_figure(run: str, series: Sequence[DiagonalSeries]) -> Figure:
         [f"{one.layer} → {one.extra['next_layer']}" for one in series],
         score_title="top-10 alignment score |u_j(W_l) · v_j(W_l+1)|",
         panel_title="A_jj",
-        title=f"{run}: alignment of consecutive layers",
+        title=f"{run}: alignment of layer pairs",
     )
 
 

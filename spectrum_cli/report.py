@@ -71,6 +71,8 @@ def write_report(
     store_path: Path,
     out_dir: Path,
     metrics: Path | None = None,
+    runs: Sequence[str] | None = None,
+    layers: str | None = None,
     on_found: Callable[[int], None] | None = None,
     on_done: Callable[[str], None] | None = None,
 ) -> Report:
@@ -85,6 +87,9 @@ def write_report(
     metrics
         A training log to use for every run; by default each run's own ``metrics.csv`` when
         one is found beside its checkpoints.
+    runs, layers
+        Only these runs, and only layers whose name the expression is found in (see
+        `dynamics.select`); by default every run and layer.
     on_found, on_done
         Progress callbacks: the number of runs, then each run once its section is done.
 
@@ -99,13 +104,13 @@ def write_report(
     StoreError
         When the store cannot be read.
     UsageError
-        When ``out_dir`` is a file or cannot be written.
+        When ``out_dir`` is a file or cannot be written, or the selection chooses nothing.
     """
     from spectrum_cli import dynamics, plots
     from spectrum_cli.store import Store
 
     store = Store.open(store_path)
-    selection = dynamics.select(store)
+    selection = dynamics.select(store, runs, layers)
     out_dir = plots.writable_folder(Path(out_dir))
     figures_dir = plots.writable_folder(out_dir / FIGURES)
     report = Report(page=str(out_dir / PAGE), store=str(store.path))
@@ -225,7 +230,7 @@ def _provenance(store: Any, selection: Sequence[Any], sections: Sequence[RunSect
                     _e("×".join(map(str, attrs["matrix_shape"]))),
                     _e(attrs.get("dtype", "")),
                     _e(attrs.get("formed", "")),
-                    str(len(attrs.get("failures", {}))),
+                    _e(", ".join(sorted(attrs.get("failures", {}), key=int)) or "none"),
                 )
             )
     return "\n".join(

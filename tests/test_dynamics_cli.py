@@ -378,6 +378,11 @@ def test_align_finds_dense_pairs_and_their_alignment(known_store, tmp_path):
 
     named = cli_json("align", known_store, "--pair", "fc1.weight:fc2.weight", "--top", "2")
     assert len(named) == 6 and all(len(r["diagonal"]) == 2 for r in named)
+    # The table's title says which pairs it holds.
+    _, table, _ = invoke("align", known_store, "--run", "a")
+    assert "of consecutive layers" in table and "named pairs" not in table
+    _, table, _ = invoke("align", known_store, "--run", "a", "--pair", "fc1.weight:fc2.weight")
+    assert "of the named pairs" in table and "consecutive" not in table
     code, _, _ = invoke("align", known_store, "--plot", tmp_path / "a.png", "-r", "a")
     assert code == 0 and (tmp_path / "a.png").read_bytes().startswith(PNG)
 

@@ -77,8 +77,11 @@ def report_page(tmp_path_factory) -> tuple[Path, Path]:
     return store, out / "index.html", written
 
 
-def small_store(path: Path, runs: list[str]) -> Path:
-    """A store of dense runs fc1 (6 × 4) → fc2 (3 × 6) at steps 0 and 10, without logs."""
+def small_store(path: Path, runs: list[str], failed: tuple[tuple[int, str], ...] = ()) -> Path:
+    """A store of dense runs fc1 (6 × 4) → fc2 (3 × 6) at steps 0 and 10, without logs.
+
+    Each (step, layer) in ``failed`` is stored as a failure in every run.
+    """
     rng = np.random.default_rng(1)
     with Store.writing(path, top_k=3) as store:
         for run in runs:
@@ -87,6 +90,11 @@ def small_store(path: Path, runs: list[str]) -> Path:
                 results = []
                 for layer, (m, n) in (("fc1.weight", (6, 4)), ("fc2.weight", (3, 6))):
                     u, sigma, vt = np.linalg.svd(rng.standard_normal((m, n)), full_matrices=False)
+                    if (step, layer) in failed:
+                        results.append(
+                            LayerResult(layer, (m, n), (m, n), "float32", "test", failure="NaN")
+                        )
+                        continue
                     results.append(
                         LayerResult(
                             layer,
@@ -167,6 +175,56 @@ def test_runs_whose_names_differ_only_in_separators_get_their_own_figures(tmp_pa
     assert all(f"href='#{anchor}'" in text for anchor in anchors)
     figures = sorted(p.name for p in (tmp_path / "rep" / "figures").iterdir())
     assert len(figures) == 6 and "a_b-rank.png" in figures
+
+
+def test_report_of_chosen_runs_and_layers_only(tmp_path):
+    store = small_store(tmp_path / "s.zarr", ["keep", "drop"])
+    out = tmp_path / "rep"
+    args = ["report", str(store), "--out", str(out), "--run", "keep", "--layers", "fc1"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.exception
+
+    text = (out / "index.html").read_text(encoding="utf-8")
+    assert re.findall(r"<h2 id='([^']*)'>", text) == ["run-keep"]
+    # Every table speaks of fc1 alone, but for the layer it aligns with, which --layers keeps.
+    named = [[c for c in cells if c.endswith(".weight")] for cells in _table_rows(text)]
+    named = [names for names in named if names]
+    assert len(named) == 4  # the layers, rank, stability and alignment tables
+    assert {names[0] for names in named} == {"fc1.weight"}
+    assert [names[1:] for names in named] == [[], [], [], ["fc2.weight"]]
+    assert sorted(p.name for p in (out / "figures").iterdir()) == [
+        "keep-alignment.png",
+        "keep-rank.png",
+        "keep-stability.png",
+    ]
+
+
+@pytest.mark.parametrize("choice", [["--run", "nope"], ["--layers", "conv"]])
+def test_a_selection_of_nothing_stops_before_writing(choice, tmp_path):
+    store = small_store(tmp_path / "s.zarr", ["r"])
+    out = tmp_path / "rep"
+    done = CliRunner().invoke(app, ["report", str(store), "--out", str(out), *choice])
+    assert isinstance(done.exception, UsageError) and done.exception.exit_code == 2
+    assert choice[1] in str(done.exception)
+    assert not (out / "index.html").exists()
+
+
+def test_report_lists_the_steps_at_which_each_layer_failed(tmp_path):
+    store = small_store(tmp_path / "s.zarr", ["r"], failed=((10, "fc2.weight"), (0, "fc2.weight")))
+    out = tmp_path / "rep"
+    result = CliRunner().invoke(app, ["report", str(store), "--out", str(out)])
+    assert result.exit_code == 0, result.exception
+
+    text = (out / "index.html").read_text(encoding="utf-8")
+    # The Layers table ends with the steps at which each layer failed.
+    failed = {cells[1]: cells[-1] for cells in _table_rows(text) if len(cells) == 7}
+    assert failed == {"fc1.weight": "none", "fc2.weight": "0, 10"}
+
+
+def _table_rows(text: str) -> list[list[str]]:
+    """The cells of every table row of a page that holds data, headers left out."""
+    rows = re.findall(r"<tr>(.*?)</tr>", text, flags=re.S)
+    return [cells for row in rows if (cells := re.findall(r"<td[^>]*>([^<]*)</td>", row))]
 
 
 @pytest.mark.parametrize("where", ["a file", "/proc/nope"])

@@ -224,7 +224,7 @@ def align(
             )
             for one in series
         ],
-        title="top-10 alignment score of consecutive layers",
+        title="top-10 alignment score of " + ("the named pairs" if pairs else "consecutive layers"),
     )
     if plot is not None:
         from spectrum_cli.plots import alignment_figure
@@ -252,12 +252,14 @@ def report(
         "--format",
         help="table (the page's path) or json (the page, each run's figures and training log).",
     ),
+    runs: list[str] = _RUNS,
+    layers: str = _LAYERS,
 ) -> None:
-    """Write one self-contained HTML page of figures and tables for a whole store.
+    """Write one self-contained HTML page of figures and tables for a store.
 
-    Rank, stability (against the final step) and alignment for every run, with what was
-    analysed and how. Images are embedded, so the page reads offline as one file; each figure
-    is also written as a PNG file in DIR/figures.
+    Rank, stability (against the final step) and alignment for every run (or those chosen),
+    with what was analysed and how. Images are embedded, so the page reads offline as one
+    file; each figure is also written as a PNG file in DIR/figures.
     """
     from dataclasses import asdict
 
@@ -268,7 +270,9 @@ def report(
         raise UsageError(f"--metrics {metrics} is not a file; pass a CSV training log")
 
     with progress("report", label=True) as (found, done):
-        written = write_report(store, out, metrics=metrics, on_found=found, on_done=done)
+        written = write_report(
+            store, out, metrics=metrics, runs=runs, layers=layers, on_found=found, on_done=done
+        )
     for note in written.notes:
         err_console.print(f"note: {note}", markup=False)
     if output is SummaryFormat.json:
