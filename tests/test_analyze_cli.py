@@ -270,12 +270,16 @@ def test_torch_save_files_in_a_fresh_process_all_decompose(tmp_path):
     assert done.stdout.startswith("2 runs, 10 checkpoints")
 
 
-@pytest.mark.parametrize("quiet", [False, True])
+@pytest.mark.parametrize("quiet", [None, "before the command", "after it"])
 def test_progress_only_on_a_terminal_and_never_on_stdout(make_run, tmp_path, quiet):
     root = make_run("a", list(range(6)))
-    flags = ["--quiet"] if quiet else []
+    args = ["analyze", root, "--store", tmp_path / "s.zarr"]
+    if quiet == "before the command":
+        args = ["--quiet", *args]
+    elif quiet == "after it":
+        args = [*args, "-q"]
 
-    done, stderr = run_cli_on_a_terminal(*flags, "analyze", root, "--store", tmp_path / "s.zarr")
+    done, stderr = run_cli_on_a_terminal(*args)
 
     assert done.returncode == 0, stderr
     assert done.stdout.decode().startswith("1 run, 6 checkpoints")
@@ -284,6 +288,20 @@ def test_progress_only_on_a_terminal_and_never_on_stdout(make_run, tmp_path, qui
         assert stderr == ""
     else:
         assert "decomposing" in stderr and CONTROL.search(stderr)
+
+
+def test_global_flags_move_before_the_command_but_not_past_a_double_dash():
+    from spectrum_cli.cli import _global_flags_first
+
+    assert _global_flags_first(["ls", "s.zarr", "-v", "--format", "json", "--quiet"]) == [
+        "-v",
+        "--quiet",
+        "ls",
+        "s.zarr",
+        "--format",
+        "json",
+    ]
+    assert _global_flags_first(["analyze", "-q", "--", "-v"]) == ["-q", "analyze", "--", "-v"]
 
 
 def test_the_command_ends_with_main_s_exit_code_and_its_output_whole(make_run, tmp_path):

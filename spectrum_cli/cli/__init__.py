@@ -34,6 +34,9 @@ app = typer.Typer(
 
 _state: dict[str, object] = {"verbose": False}
 
+# Flags of the whole program, accepted after the command too (`spectrum analyze runs/ -q`).
+_GLOBAL_FLAGS = frozenset({"--verbose", "-v", "--quiet", "-q"})
+
 
 def _version(value: bool) -> None:
     if value:
@@ -83,7 +86,7 @@ def main() -> None:
     # Typer raises its own copy of click's exceptions; older versions raise click's.
     usage_errors = (click.ClickException, getattr(typer, "TyperException", click.ClickException))
     try:
-        code = app(standalone_mode=False)
+        code = app(args=_global_flags_first(sys.argv[1:]), standalone_mode=False)
     except SpectrumError as error:
         if _state["verbose"]:
             error_console.print_exception()
@@ -125,6 +128,16 @@ def entry() -> NoReturn:
         with contextlib.suppress(OSError, ValueError):  # a closed pipe, as `spectrum ls | head`
             stream.flush()
     os._exit(code)
+
+
+def _global_flags_first(args: list[str]) -> list[str]:
+    """The arguments with ``--quiet`` and ``--verbose`` moved before the command.
+
+    Arguments after ``--`` are left where they are: there they are names, not flags.
+    """
+    end = args.index("--") if "--" in args else len(args)
+    flags = [arg for arg in args[:end] if arg in _GLOBAL_FLAGS]
+    return flags + [arg for arg in args[:end] if arg not in _GLOBAL_FLAGS] + args[end:]
 
 
 def _error(message: str) -> None:
