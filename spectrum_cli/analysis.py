@@ -190,6 +190,8 @@ def analyze(
         by_run: dict[str, list[Checkpoint]] = defaultdict(list)
         for checkpoint in checkpoints:
             by_run[checkpoint.run].append(checkpoint)
+        for run, in_run in by_run.items():
+            _check_same_run(store, run, in_run)
         todo: list[Checkpoint] = []
         for run, in_run in by_run.items():
             store.add_steps(run, [c.step for c in in_run])
@@ -391,6 +393,35 @@ def _check_device(device: str) -> None:
         resolve_device(device)
     except (SpectrumError, RuntimeError) as error:
         raise UsageError(str(error)) from None
+
+
+def _check_same_run(store: Store, run: str, checkpoints: list[Checkpoint]) -> None:
+    """Refuse checkpoints that would join a stored run of the same name from other files.
+
+    Two runs whose folders share a name (``seed1/run`` and ``seed2/run`` analysed one at a
+    time) would otherwise mix in one run. A stored step whose file is still there but is not
+    the file found now for that step tells them apart; a store moved or copied to another
+    machine with its runs names files that are no longer there, and passes.
+
+    Raises
+    ------
+    UsageError
+        Naming both files, before anything is written.
+    """
+    if run not in store.runs():
+        return
+    stored = store.checkpoints(run)
+    for checkpoint in checkpoints:
+        earlier = stored.get(checkpoint.step, {}).get("absolute_path")
+        if earlier is None or not os.path.exists(earlier):
+            continue
+        if not os.path.samefile(earlier, checkpoint.path):
+            raise UsageError(
+                f"run {run!r} in {store.path} holds step {checkpoint.step} from {earlier}, "
+                f"not from {checkpoint.path}: two runs of one name would mix; analyse this one "
+                "into another --store, or give the folder above both runs so that each is "
+                "named by its path"
+            )
 
 
 def _all_stored(store_path: Path, checkpoints: list[Checkpoint]) -> bool:

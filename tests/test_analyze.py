@@ -372,6 +372,36 @@ def test_runs_are_named_by_their_path(make_run, tmp_path):
         assert_exact(store, run, "fc.weight", tiny_weights(run, step)["fc.weight"], step)
 
 
+def test_a_run_folder_of_the_same_name_from_elsewhere_is_refused(make_run, tmp_path):
+    # Two runs analysed one folder at a time are both named "run".
+    first = make_run("run", [1, 2], root=tmp_path / "seed1") / "run"
+    second = make_run("run", [1, 2, 3], root=tmp_path / "seed2") / "run"
+    store = tmp_path / "s.zarr"
+    assert analyze(first, store).analysed == 2
+
+    with pytest.raises(UsageError) as refused:
+        analyze(second, store)
+
+    message = str(refused.value)
+    assert str(first / "step_1.safetensors") in message
+    assert str(second / "step_1.safetensors") in message and "--store" in message
+    opened = Store.open(store)
+    assert opened.done_steps("run") == [1, 2]
+    assert list(opened.status("run", "fc.weight")[0]) == [1, 2]  # no row for step 3
+    assert_exact(opened, "run", "fc.weight", tiny_weights("run", 1)["fc.weight"], 1)
+
+
+def test_a_store_moved_with_its_run_goes_on_where_it_left_off(make_run, tmp_path):
+    run = make_run("run", [1, 2], root=tmp_path / "before") / "run"
+    analyze(run, tmp_path / "before" / "s.zarr")
+    (tmp_path / "before").rename(tmp_path / "after")
+    make_run("run", [3], root=tmp_path / "after")
+
+    summary = analyze(tmp_path / "after" / "run", tmp_path / "after" / "s.zarr")
+
+    assert (summary.already_stored, summary.analysed) == (2, 1)
+
+
 def test_a_store_inside_the_analysed_folder_is_not_read(make_run, tmp_path):
     root = make_run("run", [0, 1])
     analyze(root, tmp_path / "elsewhere.zarr")
