@@ -52,8 +52,10 @@ Matrix = Union[np.ndarray, "torch.Tensor"]
 
 # Singular values below this fraction of σ₁ (times the size) are zero for float32 input.
 _ZERO_TOLERANCE = float(np.finfo(np.float32).eps)
-# The store keeps float32: larger singular values cannot be stored.
+# The store keeps float32: larger singular values cannot be stored, and a largest one below
+# float32's smallest normal number would be stored as zero or with few digits.
 _LARGEST = float(np.finfo(np.float32).max)
+_SMALLEST = float(np.finfo(np.float32).smallest_normal)
 # Device files without one of which no CUDA (or ROCm) device can be visible on Linux: NVIDIA's
 # driver, WSL's GPU bridge, AMD's compute driver.
 _ACCELERATOR_NODES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg", "/dev/kfd")
@@ -496,6 +498,12 @@ def _check_lapack(routine: str, info: int) -> None:
 
 def _spectrum(sigma: np.ndarray, left: np.ndarray, right: np.ndarray) -> Spectrum:
     """Store-ready float32 arrays, with a last guard that nothing non-finite gets through."""
+    top = float(np.max(sigma)) if sigma.size else 0.0
+    if 0.0 < top < _SMALLEST:
+        raise DecompositionError(
+            f"singular values below the float32 range of the store (σ₁ = {top:.3g} < "
+            f"{_SMALLEST:.3g}); rescale the weights, or check that they were saved as trained"
+        )
     out = Spectrum(
         sigma=np.ascontiguousarray(sigma, dtype=np.float32),
         u=np.ascontiguousarray(left, dtype=np.float32),

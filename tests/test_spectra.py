@@ -345,6 +345,15 @@ def test_singular_values_beyond_float32_are_refused_for_arrays_too():
     decompose(w * 1e-2, top_k=2)  # σ₁ ≈ 3.5e36: stored
 
 
+@pytest.mark.parametrize(("scale", "dtype"), [(1e-50, np.float64), (1e-41, np.float32)])
+def test_singular_values_below_float32_are_refused_not_stored_as_zero(scale, dtype):
+    # float64 weights whose σ₁ underflows float32, and float32 weights of subnormal size.
+    w = (np.random.default_rng(3).standard_normal((5, 4)) * scale).astype(dtype)
+    with pytest.raises(DecompositionError, match="below the float32 range"):
+        decompose(w, top_k=2)
+    assert (decompose(np.zeros((5, 4), dtype), top_k=2).sigma == 0).all()
+
+
 @pytest.mark.parametrize(
     ("version", "platform", "nodes", "possible"),
     [
