@@ -79,6 +79,8 @@ def select(
     ------
     UsageError
         For a run the store does not hold, an invalid expression, or one that matches no layer.
+    StoreError
+        When the store holds no run, or no layer of the chosen runs.
     """
     known = store.runs()
     if not known:
@@ -100,6 +102,11 @@ def select(
             chosen.append(Selection(run, names))
     if not chosen:
         where = ", ".join(runs) if runs else "any run"
+        if pattern is None:
+            raise StoreError(
+                f"no layer of {where} in {store.path} is stored yet (its checkpoints failed or "
+                "were not analysed); `spectrum analyze` the runs into it again"
+            )
         raise UsageError(
             f"--layers {layers!r} matches no layer of {where} in {store.path}; "
             "`spectrum ls` lists the layers"

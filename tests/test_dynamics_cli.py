@@ -445,6 +445,18 @@ def test_a_store_of_another_format_is_refused(known_store, tmp_path):
         assert error.exit_code == 2
 
 
+def test_a_run_without_any_stored_layer_is_named_as_such(tmp_path):
+    # Every checkpoint of the run failed: its steps are allocated, no layer was written.
+    with Store.writing(tmp_path / "s.zarr", top_k=4) as store:
+        store.add_steps("run", [1])
+    for command in ("rank", "stability", "align", "report"):
+        _, _, error = invoke(command, tmp_path / "s.zarr")
+        assert isinstance(error, StoreError) and error.exit_code == 2
+        assert "no layer of any run" in str(error) and "--layers" not in str(error)
+    code, table, _ = invoke("ls", tmp_path / "s.zarr")
+    assert code == 0 and re.search(r"run\s.*\n.*\(no layer stored\)\s+none\s+0\s+0", table)
+
+
 def test_a_store_that_cannot_be_used_exits_two_in_one_line(tmp_path):
     import zarr
 

@@ -137,6 +137,8 @@ def ls(
     for listed in runs:
         steps = listed["steps"]
         span = f"{steps[0]}..{steps[-1]} ({len(steps)})" if steps else "none"
+        if not listed["layers"]:  # every checkpoint of it failed, or none was analysed yet
+            rows.append((str(listed["run"]), "(no layer stored)", "", "", "", span, "0", "0"))
         for row in listed["layers"]:
             rows.append(
                 (
