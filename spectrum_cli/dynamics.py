@@ -515,7 +515,12 @@ def read_training_metrics(path: Path) -> dict[str, np.ndarray]:
     except (OSError, UnicodeDecodeError, csv.Error) as error:
         why = getattr(error, "strerror", None) or error
         raise UsageError(f"cannot read training metrics {path}: {why}") from None
-    if not records or "step" not in records[0]:
+    if not records:
+        raise UsageError(
+            f"{path} has no rows; expected a header such as step,train_loss,... "
+            "and one row per logged step"
+        )
+    if "step" not in records[0]:
         raise UsageError(f"{path} has no step column; expected step,train_loss,... as a header")
     columns: dict[str, np.ndarray] = {}
     for name in records[0]:

@@ -111,6 +111,8 @@ def write_report(
 
     store = Store.open(store_path)
     selection = dynamics.select(store, runs, layers)
+    if metrics is not None:
+        dynamics.read_training_metrics(metrics)  # a log that cannot be read stops before writing
     out_dir = plots.writable_folder(Path(out_dir))
     figures_dir = plots.writable_folder(out_dir / FIGURES)
     report = Report(page=str(out_dir / PAGE), store=str(store.path))

@@ -550,6 +550,25 @@ def test_training_metrics_are_found_from_any_folder(tmp_path, monkeypatch):
     assert select(store, ["r1"])[0].layers == ["fc.weight"]
 
 
+@pytest.mark.parametrize(
+    ("log", "message"),
+    [("step,loss\n", "has no rows"), ("epoch,loss\n1,0.5\n", "has no step column")],
+)
+def test_a_training_log_that_cannot_be_drawn_stops_before_any_output(
+    known_store, tmp_path, log, message
+):
+    (tmp_path / "log.csv").write_text(log)
+    metrics = ["--metrics", tmp_path / "log.csv"]
+
+    _, out, error = invoke("rank", known_store, *metrics, "--plot", tmp_path / "r.png")
+    assert isinstance(error, UsageError) and error.exit_code == 2 and message in str(error)
+    assert out == "" and not (tmp_path / "r.png").exists()
+
+    _, _, error = invoke("report", known_store, *metrics, "--out", tmp_path / "rep")
+    assert isinstance(error, UsageError) and message in str(error)
+    assert not (tmp_path / "rep").exists()
+
+
 # ---------------------------------------------------------------------------- real checkpoints
 
 

@@ -86,12 +86,14 @@ def rank(
     Effective rank is Roy & Vetterli's exp(−Σ p_i ln p_i) with p_i = σ_i / Σσ; it is also given
     divided by min(m, n). Reads the singular values only.
     """
-    from spectrum_cli.dynamics import rank_series, rows, select, sparkline
+    from spectrum_cli.dynamics import rank_series, read_training_metrics, rows, select, sparkline
     from spectrum_cli.errors import UsageError
     from spectrum_cli.store import Store
 
     if metrics is not None and not metrics.is_file():
         raise UsageError(f"--metrics {metrics} is not a file; pass a CSV training log")
+    if metrics is not None and plot is not None:
+        read_training_metrics(metrics)  # a log that cannot be drawn stops before any output
     opened = Store.open(store)
     series = rank_series(opened, select(opened, runs, layers))
 
