@@ -10,7 +10,9 @@ optimizer, scheduler, scaler and RNG files, and files named as masks (``mask.saf
 unwrapped from the usual containers (``state_dict``, ``model_state``, …) and with wrapper
 prefixes (``module.``, ``_orig_mod.``, Lightning's ``model.``) stripped; a weight pruned with
 ``torch.nn.utils.prune`` is yielded masked, and :func:`load_with_masks` gives it unmasked with
-its mask.
+its mask. Files and container keys are told apart by whole words of their names: ``lr_scheduler``
+is scheduler state, ``upscaler`` a model. What a reader leaves out of a checkpoint (a second
+model beside the one read, tensors of a dtype it cannot read) it names in a note.
 
 Pickled checkpoints are read with PyTorch's weights-only unpickler and memory-mapped where the
 file format allows. Classes and functions that unpickler does not know (a whole pickled
@@ -59,9 +61,17 @@ _NUMPY_DTYPES = {
     "F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
     "I8": "i1", "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?",
 }  # fmt: skip
-_NOT_MODEL = re.compile(r"optim|rng|scheduler|scaler|training_args", re.IGNORECASE)
-# A weights file with the word "mask" in its stem holds a pruning mask, not a model.
-_MASK_FILE = re.compile(r"(?<![a-z])masks?(?![a-z])", re.IGNORECASE)
+# Words that name optimizer, scheduler, scaler or RNG state, not weights: whole words of a name,
+# so that ``lr_scheduler`` and ``optim_states_1`` are such state and ``upscaler`` is not.
+_NOT_MODEL_WORD = re.compile(
+    r"(?:optim(?:izer|iser)?|(?:lr)?scheduler|(?:grad|amp)?scaler)s?|rngs?", re.IGNORECASE
+)
+# Words that may follow "mask" in the name of a file that holds a mask: its step, round, …
+_MASK_TAIL = frozenset(
+    ("step", "steps", "global", "epoch", "epochs", "iter", "iteration", "iterations", "it",
+     "checkpoint", "ckpt", "round", "rounds", "level", "levels", "rank", "sparsity", "final",
+     "best", "last", "latest", "init", "initial", "v", "fp", "bf", "float")
+)  # fmt: skip
 _LIGHTNING_LAST = re.compile(r"^last(?:-v\d+)?$")
 _STEP_WORD = re.compile(r"(?<![a-z])(?:global_?)?steps?[-_=]?(\d+)", re.IGNORECASE)
 # Words after which a number counts training progress (``checkpoint-500``, ``iter_400``).
@@ -166,6 +176,35 @@ def normalise_name(key: str) -> str:
     return key
 
 
+def _words(name: str) -> list[str]:
+    """The words of a name, lower-cased: its runs of letters (``optim_states_1``: optim, states)."""
+    return re.findall(r"[a-z]+", name.lower())
+
+
+def _not_model(name: str) -> bool:
+    """Whether a file name or a container's key names optimizer, scheduler, scaler or RNG state.
+
+    Whole words count: ``optimizer``, ``optim_states``, ``lr_scheduler``, ``grad_scaler``,
+    ``rng_state``, ``training_args``; ``upscaler``, ``optimized`` and ``generator`` do not.
+    """
+    words = _words(name)
+    pairs = itertools.pairwise(words)
+    return any(map(_NOT_MODEL_WORD.fullmatch, words)) or ("training", "args") in pairs
+
+
+def _mask_name(name: str) -> bool:
+    """Whether a weights file's name says it holds a pruning mask rather than a model.
+
+    The word ``mask`` (or ``masks``) followed by nothing but numbers and words of progress
+    (``mask.safetensors``, ``lottery_mask_05.pt``, ``mask_step_100.pt``) names a mask; followed
+    by other words it names a model (``mask_rcnn_step_400.pt``), and ``masked`` is no mask.
+    """
+    stem = name[: -len(Path(name).suffix)] if name.endswith(WEIGHT_SUFFIXES) else name
+    words = _words(stem)
+    last = max((i for i, word in enumerate(words) if word in ("mask", "masks")), default=None)
+    return last is not None and all(word in _MASK_TAIL for word in words[last + 1 :])
+
+
 def discover(root: Path) -> Discovery:
     """Find every run and checkpoint under a root folder.
 
@@ -266,10 +305,10 @@ def _is_model_file(path: Path, root: Path, notes: list[str]) -> bool:
             what = "not a regular file (a FIFO, socket or device)"
         notes.append(f"skipped {where}: {what}; point it at a checkpoint or remove it")
         return False
-    if _NOT_MODEL.search(path.stem):
+    if _not_model(path.stem):
         notes.append(f"skipped {where}: optimizer, scheduler, scaler or RNG state, not weights")
         return False
-    if _MASK_FILE.search(path.stem):
+    if _mask_name(path.name):
         notes.append(f"skipped {where}: a mask by its name, not weights (`spectrum masks --mask`)")
         return False
     if path.suffix == ".ckpt" and _LIGHTNING_LAST.match(path.stem):
@@ -281,9 +320,7 @@ def _is_model_file(path: Path, root: Path, notes: list[str]) -> bool:
 def _single_model_file(names: list[str]) -> str | None:
     """The one weights file among ``names`` that is not optimizer or RNG state, if just one."""
     models = [
-        n
-        for n in names
-        if n.endswith(WEIGHT_SUFFIXES) and not _NOT_MODEL.search(n) and not _MASK_FILE.search(n)
+        n for n in names if n.endswith(WEIGHT_SUFFIXES) and not _not_model(n) and not _mask_name(n)
     ]
     return models[0] if len(models) == 1 else None
 
@@ -315,10 +352,10 @@ def _looks_like_a_checkpoint(directory: Path, names: list[str]) -> bool:
         return False
     if any((directory / name).is_dir() for name in names):
         return False
-    if any(name.endswith(WEIGHT_SUFFIXES) and not _NOT_MODEL.search(name) for name in names):
+    if any(name.endswith(WEIGHT_SUFFIXES) and not _not_model(name) for name in names):
         return False
     marked = (
-        name in _CHECKPOINT_MARKERS or name.endswith(".index.json") or _NOT_MODEL.search(name)
+        name in _CHECKPOINT_MARKERS or name.endswith(".index.json") or _not_model(name)
         for name in names
     )
     return not names or any(marked)
@@ -436,7 +473,9 @@ def read_metadata(path: Path) -> dict[str, str]:
     return {str(key): str(value) for key, value in metadata.items()}
 
 
-def load_tensors(path: Path, *, numpy: bool = False) -> Iterator[tuple[str, Any]]:
+def load_tensors(
+    path: Path, *, numpy: bool = False, notes: list[str] | None = None
+) -> Iterator[tuple[str, Any]]:
     """Yield the model weights of one checkpoint, one tensor at a time where the format allows.
 
     A weight pruned with ``torch.nn.utils.prune`` is saved as two tensors, ``fc.weight_orig``
@@ -450,33 +489,40 @@ def load_tensors(path: Path, *, numpy: bool = False) -> Iterator[tuple[str, Any]
     numpy : bool
         Yield NumPy arrays where the file allows: safetensors files whose dtypes NumPy has
         (all but bfloat16 and the 8-bit floats) are then read without importing torch.
+    notes : list of str, optional
+        Where to add a note on each thing of the checkpoint left out: a tensor of a dtype that
+        cannot be read (safetensors' 4- and 6-bit floats), a second model beside the one read
+        (``{"model": …, "ema": …}``). Without it, each note is logged as a warning.
 
     Yields
     ------
     tuple of (str, torch.Tensor or numpy.ndarray)
         The normalised state-dict key and its tensor, in the checkpoint's own order. Tensors of
-        every dtype and shape are yielded; optimizer and scheduler state never are.
+        every shape and of every dtype but those left out with a note are yielded, sparse ones
+        made dense; optimizer and scheduler state never are.
 
     Raises
     ------
     CheckpointError
         As :func:`load_with_masks`.
     """
-    for name, tensor, mask in load_with_masks(path, numpy=numpy):
+    for name, tensor, mask in load_with_masks(path, numpy=numpy, notes=notes):
         if mask is not None:
             mask = mask.astype(tensor.dtype) if _is_array(mask) else mask.to(tensor.dtype)
             tensor = tensor * mask
         yield name, tensor
 
 
-def load_with_masks(path: Path, *, numpy: bool = False) -> Iterator[tuple[str, Any, Any]]:
+def load_with_masks(
+    path: Path, *, numpy: bool = False, notes: list[str] | None = None
+) -> Iterator[tuple[str, Any, Any]]:
     """Yield a checkpoint's weights with the ``torch.nn.utils.prune`` mask of each pruned one.
 
     Parameters
     ----------
     path : Path
         A weights file, or a directory in Hugging Face layout (single file or shards).
-    numpy : bool
+    numpy, notes
         As for :func:`load_tensors`.
 
     Yields
@@ -493,7 +539,7 @@ def load_with_masks(path: Path, *, numpy: bool = False) -> Iterator[tuple[str, A
         As :func:`load_tensors` without masks, and if the two halves of a pair differ in shape.
     """
     pending: dict[str, tuple[str, Any]] = {}
-    for name, tensor in _stored_tensors(path, numpy):
+    for name, tensor in _stored_tensors(path, numpy, notes):
         half = next((end for end in (PRUNE_ORIG, PRUNE_MASK) if name.endswith(end)), None)
         if half is None:
             yield name, tensor, None
@@ -518,7 +564,9 @@ def _is_array(value: Any) -> bool:
     return type(value).__module__ == "numpy"
 
 
-def _stored_tensors(path: Path, numpy: bool = False) -> Iterator[tuple[str, Any]]:
+def _stored_tensors(
+    path: Path, numpy: bool = False, notes: list[str] | None = None
+) -> Iterator[tuple[str, Any]]:
     """The tensors of one checkpoint as stored, one at a time where the format allows.
 
     Raises
@@ -533,9 +581,11 @@ def _stored_tensors(path: Path, numpy: bool = False) -> Iterator[tuple[str, Any]
     indexed = _names_by_shard(index) if index is not None else {}
     seen: set[str] = set()
     for file in files:
-        safetensors = file.suffix == ".safetensors"
-        tensors = _safetensors_tensors(file, numpy) if safetensors else _pickled(file)
-        held = set()
+        held: set[str] = set()  # with the tensors left out, unreadable
+        if file.suffix == ".safetensors":
+            tensors = _safetensors_tensors(file, numpy, notes, left_out=held)
+        else:
+            tensors = _pickled(file, notes)
         for name, tensor in tensors:
             if name in seen:
                 raise CheckpointError(f"{path}: layer {name!r} is held by two of its shards")
@@ -684,25 +734,117 @@ def _read_header(file: Path) -> dict[str, Any]:
     return header
 
 
-def _safetensors_tensors(file: Path, numpy: bool = False) -> Iterator[tuple[str, Any]]:
-    """A safetensors file's tensors: as NumPy arrays when asked and NumPy has every dtype."""
+def _safetensors_tensors(
+    file: Path,
+    numpy: bool = False,
+    notes: list[str] | None = None,
+    left_out: set[str] | None = None,
+) -> Iterator[tuple[str, Any]]:
+    """A safetensors file's tensors: as NumPy arrays when asked and NumPy has every dtype.
+
+    Tensors of a dtype that cannot be read (the 4- and 6-bit floats) are left out with a note,
+    and their names added to ``left_out``.
+    """
     from safetensors import SafetensorError, safe_open
 
     header = _read_header(file)
     keys = _stored_order(header, file)
-    names = _unique_names(keys, lightning=False, file=file)
+    names = dict(zip(keys, _unique_names(keys, lightning=False, file=file), strict=True))
+    unreadable: dict[str, list[str]] = defaultdict(list)  # by dtype
+    for key in keys:
+        if not _readable(header[key]["dtype"]):
+            unreadable[header[key]["dtype"]].append(key)
+    skipped = {key for group in unreadable.values() for key in group}
+    keys = [key for key in keys if key not in skipped]
+    if left_out is not None:
+        left_out.update(names[key] for key in skipped)
     numpy = numpy and all(header[key]["dtype"] in _NUMPY_DTYPES for key in keys)
     try:
         # Opening checks the file's whole layout: each tensor's bytes lie inside it, sized as
         # its dtype and shape say.
         with safe_open(file, framework="numpy" if numpy else "pt") as handle:
+            for dtype, group in sorted(unreadable.items()):
+                _note(
+                    notes,
+                    f"{file}: left out {len(group)} tensor{'s' if len(group) > 1 else ''} of "
+                    f"dtype {dtype}, which spectrum cannot read ({', '.join(group[:3])}"
+                    f"{', …' if len(group) > 3 else ''}); its other tensors are read",
+                )
             if numpy:
-                yield from zip(names, _mapped_arrays(file, header, keys), strict=True)
+                arrays = _mapped_arrays(file, header, keys)
+                yield from zip((names[key] for key in keys), arrays, strict=True)
                 return
-            for key, name in zip(keys, names, strict=True):
-                yield name, handle.get_tensor(key)
+            for key in keys:
+                yield names[key], handle.get_tensor(key)
     except (SafetensorError, OSError) as error:
-        raise CheckpointError(f"cannot read {file} as safetensors: {error}") from error
+        raise CheckpointError(_describe_safetensors_failure(file, header, error)) from error
+
+
+# torch's dtype for each safetensors dtype that torch holds and NumPy does not.
+_TORCH_DTYPES = {
+    "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz",
+    "F8_E8M0": "float8_e8m0fnu", "C64": "complex64",
+}  # fmt: skip
+
+
+@functools.cache
+def _readable(dtype: str) -> bool:
+    """Whether tensors of a safetensors dtype can be read, and upcast if they are floats.
+
+    The 4- and 6-bit floats (``F4``, ``F6_E2M3``, ``F6_E3M2``) cannot: torch has no 6-bit
+    floats, and its packed ``float4_e2m1fn_x2`` (two values a byte) converts to no other dtype.
+    """
+    if dtype in _NUMPY_DTYPES:
+        return True
+    if dtype not in _TORCH_DTYPES:
+        return False
+    import torch
+
+    kind = getattr(torch, _TORCH_DTYPES[dtype], None)
+    if not isinstance(kind, torch.dtype):
+        return False
+    if not kind.is_floating_point:
+        return True
+    try:
+        torch.zeros(1, dtype=kind).to(torch.float32)
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+    return True
+
+
+def _describe_safetensors_failure(file: Path, header: dict[str, Any], error: Exception) -> str:
+    """One line on why the safetensors library refused a file whose header parsed."""
+    text = _brief(error)
+    if "not fully covered" in text:
+        # The library checked that the tensors lie end to end from the start of the data.
+        with open(file, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            size = os.fstat(handle.fileno()).st_size
+        expected = (
+            8
+            + length
+            + max(
+                (spec["data_offsets"][-1] for key, spec in header.items() if key != "__metadata__"),
+                default=0,
+            )
+        )
+        found = (
+            f"it is truncated or damaged: its header describes {expected} bytes, the file "
+            f"holds only {size}"
+            if size < expected
+            else f"it is damaged: {size - expected} bytes follow the {expected} its header "
+            "describes"
+        )
+        return f"cannot read {file} as safetensors: {found}; re-save it or remove it"
+    unknown = re.search(r"unknown variant `([^`]+)`", text)
+    if unknown:
+        return (
+            f"cannot read {file} as safetensors: a tensor has dtype {unknown.group(1)}, which "
+            "the installed safetensors library does not know; upgrade safetensors, or re-save "
+            "the weights in another dtype"
+        )
+    return f"cannot read {file} as safetensors: {text}"
 
 
 def _mapped_arrays(file: Path, header: dict[str, Any], keys: list[str]) -> Iterator[Any]:
@@ -766,8 +908,14 @@ def _natural_key(key: str) -> list[tuple[int, int, str]]:
     return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in key.split(".")]
 
 
-def _pickled(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """The weights of a ``torch.save`` file, unwrapped from their container."""
+def _pickled(file: Path, notes: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """The weights of a ``torch.save`` file, unwrapped from their container.
+
+    Sparse tensors (a pruned model's COO or CSR weights) are yielded dense. A second model
+    beside the one taken (``{"model": …, "ema": …}``) is left out, with a note naming it.
+    """
+    import torch
+
     loaded = _read_pickle(file)
     if _is_optimizer_state(loaded):
         raise CheckpointError(
@@ -776,16 +924,24 @@ def _pickled(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
         )
     lightning = isinstance(loaded, Mapping) and "state_dict" in loaded
     lightning = lightning and ("pytorch-lightning_version" in loaded or "global_step" in loaded)
+    left_out: list[tuple[str, str]] = []
     try:
-        tensors = list(_flatten(_model_state(loaded), prefix=""))
+        tensors = list(_flatten(_model_state(loaded, left_out=left_out), prefix=""))
     except _TooDeep:
         raise CheckpointError(
             f"cannot read {file}: its containers nest more than {_MAX_DEPTH} levels deep or "
             "contain themselves; expected a state dict of tensors"
         ) from None
     names = _unique_names([key for key, _ in tensors], lightning=lightning, file=file)
+    for taken, others in itertools.groupby(left_out, key=lambda pair: pair[0]):
+        _note(
+            notes,
+            f"{file}: read the weights under {taken!r}; left out the weights under "
+            f"{', '.join(repr(other) for _, other in others)}: save them to a file of their "
+            "own to analyse them",
+        )
     for name, (_, tensor) in zip(names, tensors, strict=True):
-        yield name, tensor
+        yield name, tensor.to_dense() if tensor.layout != torch.strided else tensor
 
 
 def _read_pickle(file: Path) -> Any:
@@ -918,8 +1074,15 @@ class _TooDeep(Exception):
     """Containers nest deeper than any state dict does (or contain themselves)."""
 
 
-def _model_state(loaded: Any, depth: int = 0) -> Mapping[str, Any]:
-    """The state dict inside a loaded checkpoint: unwrap containers and pickled modules."""
+def _model_state(
+    loaded: Any, depth: int = 0, left_out: list[tuple[str, str]] | None = None, at: str = ""
+) -> Mapping[str, Any]:
+    """The state dict inside a loaded checkpoint: unwrap containers and pickled modules.
+
+    Where a container key (``model``, ``state_dict``, …) is taken, each other key beside it
+    whose value holds matrices (an EMA copy, a teacher) is left out; ``left_out`` then gets
+    (the key taken, the key left out), both as dotted paths from the top.
+    """
     import torch
 
     if depth > _MAX_DEPTH:
@@ -931,10 +1094,33 @@ def _model_state(loaded: Any, depth: int = 0) -> Mapping[str, Any]:
     if all(isinstance(value, torch.Tensor) for value in loaded.values()):
         return loaded
     for key in _CONTAINER_KEYS:
-        inner = _model_state(loaded.get(key), depth + 1)
+        inner = _model_state(loaded.get(key), depth + 1, left_out, f"{at}{key}.")
         if any(_flatten(inner, prefix="", depth=depth + 1)):
+            if left_out is not None:
+                left_out += [
+                    (f"{at}{key}", f"{at}{other}")
+                    for other, value in loaded.items()
+                    if other != key and _holds_matrices(other, value, depth + 1)
+                ]
             return inner
-    return {key: value for key, value in loaded.items() if not _NOT_MODEL.search(str(key))}
+    return {key: value for key, value in loaded.items() if not _not_model(str(key))}
+
+
+def _holds_matrices(key: Any, value: Any, depth: int) -> bool:
+    """Whether a value beside the model taken holds weights of its own: 2-D or larger floats.
+
+    Optimizer, scheduler and RNG state is not counted, nor a 0-d score a callback keeps.
+    """
+    if _not_model(str(key)):
+        return False
+    if isinstance(value, _StandIn):
+        value = _module_state(value, depth)
+    if not isinstance(value, Mapping):
+        return False
+    return any(
+        tensor.is_floating_point() and tensor.dim() >= 2
+        for _, tensor in _flatten(value, prefix="", depth=depth)
+    )
 
 
 def _module_state(module: _StandIn, depth: int = 0) -> dict[str, Any]:
@@ -1002,6 +1188,14 @@ def _unique_names(keys: list[str], lightning: bool, file: Path) -> list[str]:
             f"{file}: two keys become layer {clash!r} once wrapper prefixes are stripped"
         )
     return names
+
+
+def _note(notes: list[str] | None, note: str) -> None:
+    """Keep a note on what a reader left out: in ``notes`` if given, else as a logged warning."""
+    if notes is None:
+        logger.warning("%s", note)
+    else:
+        notes.append(note)
 
 
 def _brief(error: BaseException) -> str:

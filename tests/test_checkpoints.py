@@ -563,11 +563,11 @@ def test_numpy_reading_gives_the_same_weights_and_names(tmp_path: Path, suffix: 
 @pytest.mark.parametrize(
     ("tensors", "body", "expected"),
     [
-        ({"w": ("F32", [10, 10], [0, 400])}, 100, "not fully covered"),
+        ({"w": ("F32", [10, 10], [0, 400])}, 100, r"truncated or damaged: .* holds only"),
         ({"w": ("F32", [10, 10], [0, 200])}, 200, "invalid shape, data type, or offset"),
         ({"a": ("F32", [2, 2], [0, 16]), "b": ("F32", [2, 2], [8, 24])}, 24, "invalid offset"),
         ({"w": ("F32", [2, 2], [100, 116])}, 16, "invalid offset"),
-        ({"w": ("F32", [2, 2], [0, 16])}, 32, "not fully covered"),
+        ({"w": ("F32", [2, 2], [0, 16])}, 32, "damaged: 16 bytes follow the"),
     ],
     ids=["short", "shape-and-size-differ", "overlapping", "beyond-the-end", "bytes-left-over"],
 )
@@ -628,6 +628,161 @@ def test_files_named_as_masks_are_not_checkpoints(tmp_path: Path) -> None:
     assert "skipped mask.safetensors: a mask by its name" in notes
     assert "skipped lottery_mask_05.pt: a mask by its name" in notes
     assert "rename" not in notes
+
+
+def test_words_like_optimizer_or_mask_inside_a_models_name_do_not_skip_it(
+    tmp_path: Path,
+) -> None:
+    models = ["upscaler_step_100", "optimized_step_200", "mask_rcnn_step_400", "generator_step_500"]
+    state = [
+        "optimizer_states",
+        "optim_step_1",
+        "lr_scheduler",
+        "grad_scaler",
+        "rng_state_3",
+        "training_args",
+        "mask_step_7",
+        "masks_epoch_2",
+    ]
+    for stem in models + state:
+        _touch_weights(tmp_path / "run" / f"{stem}.safetensors")
+
+    found = discover(tmp_path / "run")
+
+    assert sorted(c.path.stem for c in found.checkpoints) == sorted(models)
+    notes = "\n".join(found.notes)
+    for stem in state:
+        assert f"skipped {stem}.safetensors: " in notes
+
+
+def test_a_model_under_a_key_with_a_state_word_inside_it_is_read(tmp_path: Path) -> None:
+    saved = {"generator": _weights(0), "upscaler": _weights(1), "epoch": 3}
+    torch.save(saved | {"grad_scaler": {"scale": torch.ones(1)}}, tmp_path / "step_1.pt")
+
+    loaded = dict(load_tensors(tmp_path / "step_1.pt"))
+
+    expected = {f"{model}.{key}" for model in ("generator", "upscaler") for key in _weights()}
+    assert set(loaded) == expected
+    assert torch.equal(loaded["upscaler.fc2.weight"], _weights(1)["fc2.weight"])
+
+
+@pytest.mark.parametrize(
+    ("saved", "taken", "left"),
+    [
+        ({"model": _weights(0), "ema": _weights(1)}, "model", ["ema"]),
+        ({"model_state": _weights(0), "teacher": {"net": _weights(1)}}, "model_state", ["teacher"]),
+        (
+            {"model": {"state_dict": _weights(0), "ema": _weights(1)}},
+            "model.state_dict",
+            ["model.ema"],
+        ),
+    ],
+)
+def test_a_second_model_left_out_is_named_in_a_note(
+    tmp_path: Path, saved: dict, taken: str, left: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    torch.save(saved, tmp_path / "step_1.pt")
+    notes: list[str] = []
+
+    _assert_same(list(load_tensors(tmp_path / "step_1.pt", notes=notes)), _weights(0))
+
+    (note,) = notes
+    assert f"read the weights under {taken!r}; left out the weights under {left[0]!r}" in note
+    with caplog.at_level("WARNING", logger="spectrum_cli.checkpoints"):
+        list(load_tensors(tmp_path / "step_1.pt"))
+    assert note in caplog.text
+
+
+def test_state_beside_the_model_that_holds_no_weights_gets_no_note(tmp_path: Path) -> None:
+    lightning = {
+        "state_dict": _weights(),
+        "global_step": 5,
+        "callbacks": {"ModelCheckpoint": {"best_model_score": torch.tensor(0.5)}},
+        "optimizer_states": [_OPTIMIZER],
+        "lr_schedulers": [{"last_epoch": 3}],
+        "ema_optimizer": _adam_state(),
+    }
+    torch.save(lightning, tmp_path / "epoch=0-step=5.ckpt")
+    notes: list[str] = []
+
+    _assert_same(list(load_tensors(tmp_path / "epoch=0-step=5.ckpt", notes=notes)), _weights())
+
+    assert notes == []
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+def test_sparse_weights_are_read_dense(tmp_path: Path) -> None:
+    dense = {"coo.weight": torch.randn(6, 6), "csr.weight": torch.randn(4, 5)}
+    dense["coo.weight"][dense["coo.weight"] < 0] = 0
+    saved = {"coo.weight": dense["coo.weight"].to_sparse(), "csr.weight": dense["csr.weight"]}
+    saved["csr.weight"] = saved["csr.weight"].to_sparse_csr()
+    torch.save({"state_dict": saved}, tmp_path / "step_1.pt")
+
+    loaded = list(load_tensors(tmp_path / "step_1.pt"))
+
+    assert all(tensor.layout == torch.strided for _, tensor in loaded)
+    _assert_same(loaded, dense)
+
+
+def _raw_safetensors(path: Path, tensors: dict[str, tuple[str, list[int], bytes]]) -> Path:
+    """Write a safetensors file byte by byte, for dtypes no library here can write."""
+    header, offset = {}, 0
+    for key, (dtype, shape, data) in tensors.items():
+        header[key] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+    encoded = json.dumps(header).encode()
+    body = b"".join(data for _, _, data in tensors.values())
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + body)
+    return path
+
+
+_LOW_BIT = {
+    "a.weight": ("F32", [2, 3], np.arange(6, dtype="<f4").tobytes()),
+    "b.weight": ("F4", [4, 4], bytes(range(8))),  # 16 values of 4 bits
+    "c.weight": ("F6_E2M3", [4, 4], bytes(range(12))),  # 16 values of 6 bits
+    "d.weight": ("F16", [3, 2], np.ones(6, dtype="<f2").tobytes()),
+}
+
+
+@pytest.mark.parametrize("numpy", [True, False])
+def test_tensors_of_a_dtype_that_cannot_be_read_are_left_out_with_a_note(
+    tmp_path: Path, numpy: bool
+) -> None:
+    path = _raw_safetensors(tmp_path / "step_1.safetensors", _LOW_BIT)
+    notes: list[str] = []
+
+    loaded = dict(load_tensors(path, numpy=numpy, notes=notes))
+
+    assert sorted(loaded) == ["a.weight", "d.weight"]
+    np.testing.assert_array_equal(np.asarray(loaded["a.weight"]), np.arange(6).reshape(2, 3))
+    assert [note.split(": ", 1)[1] for note in notes] == [
+        f"left out 1 tensor of dtype {dtype}, which spectrum cannot read ({key}); its other "
+        "tensors are read"
+        for key, dtype in (("b.weight", "F4"), ("c.weight", "F6_E2M3"))
+    ]
+
+
+def test_a_shard_whose_unreadable_tensor_its_index_names_is_read(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "checkpoint-3"
+    checkpoint.mkdir()
+    shard = "model-00001-of-00001.safetensors"
+    _raw_safetensors(checkpoint / shard, _LOW_BIT)
+    index = {"weight_map": {key: shard for key in _LOW_BIT}}
+    (checkpoint / "model.safetensors.index.json").write_text(json.dumps(index))
+    notes: list[str] = []
+
+    assert sorted(name for name, _ in load_tensors(checkpoint, notes=notes)) == [
+        "a.weight",
+        "d.weight",
+    ]
+    assert len(notes) == 2
+
+
+def test_a_dtype_the_safetensors_library_does_not_know_says_so(tmp_path: Path) -> None:
+    path = _raw_safetensors(tmp_path / "step_1.safetensors", {"w": ("F2_E1M0", [4], b"\0")})
+
+    with pytest.raises(CheckpointError, match="has dtype F2_E1M0, which the installed safetensors"):
+        list(load_tensors(path))
 
 
 def test_whole_pickled_module_yields_its_state_dict(tmp_path: Path) -> None:
