@@ -140,6 +140,35 @@ def test_a_run_killed_after_some_checkpoints_resumes(runs, reference, tmp_path):
 
 
 @pytest.mark.slow
+def test_ctrl_c_says_one_line_and_the_next_run_completes(runs, reference, tmp_path):
+    reference_store, _ = reference
+    store = tmp_path / "s.zarr"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "spectrum_cli", "analyze", runs, "--store", store],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while not _done_steps(store) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.killpg(process.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole group
+    out, errors = process.communicate(timeout=120)
+    before = assert_consistent(store)
+    assert 0 < before < len(STEPS), "the run was not interrupted part-way"
+
+    # Without --quiet, one line: none of Dask's logs of the tasks it cancelled.
+    assert process.returncode == 130 and out == ""
+    assert errors.splitlines() == ["error: interrupted; what was stored stays stored"]
+
+    done = run_cli("analyze", runs, "--store", store, *ANALYZE, "--format", "json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["analysed"] == len(STEPS) - before
+    assert_same_store(store, reference_store)
+
+
+@pytest.mark.slow
 def test_kills_at_random_points_never_corrupt_the_store(runs, reference, tmp_path):
     reference_store, timing = reference
     store = tmp_path / "s.zarr"

@@ -34,6 +34,9 @@ app = typer.Typer(
 
 _state: dict[str, object] = {"verbose": False}
 
+# Loggers of Dask and the libraries under it, silent unless --verbose.
+_DASK_LOGGERS = ("distributed", "dask", "tornado", "bokeh")
+
 # Flags of the whole program, accepted after the command too (`spectrum analyze runs/ -q`).
 _GLOBAL_FLAGS = frozenset({"--verbose", "-v", "--quiet", "-q"})
 
@@ -67,9 +70,15 @@ def _root(
     handler.setLevel(level)
     logging.getLogger("spectrum_cli").setLevel(level)
 
-    # Dask's own logs repeat what the summary reports (a failed task is a failed checkpoint).
-    for noisy in ("distributed", "dask"):
+    # Dask's own logs repeat what the summary reports (a failed task is a failed checkpoint,
+    # an interrupted one a cancelled task). Importing distributed later resets its loggers'
+    # levels, so its records are held back at the handler, unless --verbose asks for them.
+    for noisy in _DASK_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.CRITICAL)
+    for old in list(handler.filters):
+        handler.removeFilter(old)
+    if not verbose:
+        handler.addFilter(lambda record: not record.name.startswith(_DASK_LOGGERS))
     err_console.quiet = quiet
 
 
