@@ -669,9 +669,16 @@ def _index_of(directory: Path, names: list[str]) -> Path | None:
 def _weight_map(index: Path) -> dict[str, str]:
     """The ``weight_map`` of a shard index: tensor key to shard file name, checked."""
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError, RecursionError) as error:
+        content = json.loads(index.read_text())
+    except (OSError, ValueError, RecursionError) as error:
         raise CheckpointError(f"cannot read the shard index {index}: {_brief(error)}") from error
+    if not isinstance(content, dict) or "weight_map" not in content:
+        raise CheckpointError(
+            f"the shard index {index} has no weight_map: expected a JSON object "
+            '{"weight_map": {tensor name: shard file name}}, as save_pretrained writes; '
+            "re-save the checkpoint, or remove the index to read the shards without it"
+        )
+    weight_map = content["weight_map"]
     if not isinstance(weight_map, dict) or not all(
         isinstance(key, str) and isinstance(name, str) for key, name in weight_map.items()
     ):

@@ -1008,6 +1008,26 @@ def test_a_file_truncated_anywhere_is_a_checkpoint_error(
     assert str(path) in str(raised.value)
 
 
+@pytest.mark.parametrize("index", [{"metadata": {}}, ["weight_map"]], ids=["no-key", "a-list"])
+def test_a_shard_index_without_a_weight_map_says_what_is_missing(
+    tmp_path: Path, index: object
+) -> None:
+    _hf_sharded(tmp_path)
+    checkpoint = tmp_path / "run" / "checkpoint-10"
+    (checkpoint / "model.safetensors.index.json").write_text(json.dumps(index))
+
+    with pytest.raises(CheckpointError) as raised:
+        list(load_tensors(checkpoint))
+
+    message = str(raised.value)
+    assert f"the shard index {checkpoint / 'model.safetensors.index.json'} has no weight_map" in (
+        message
+    )
+    assert "remove the index to read the shards without it" in message
+    (checkpoint / "model.safetensors.index.json").unlink()  # as the message says
+    _assert_same(list(load_tensors(checkpoint)), _weights())
+
+
 def test_a_checkpoint_folder_without_weights_fails_alone(tmp_path: Path) -> None:
     _touch_weights(tmp_path / "run" / "checkpoint-5" / "model.safetensors")
     (tmp_path / "run" / "checkpoint-9").mkdir()
