@@ -37,6 +37,7 @@ import re
 import struct
 import threading
 import warnings
+import zipfile
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -963,6 +964,12 @@ def _read_pickle(file: Path) -> Any:
     if not magic:
         raise CheckpointError(f"{file} is empty; expected a torch.save checkpoint")
     zipped = magic == b"PK\x03\x04"  # legacy (pre-zip) files cannot be memory-mapped
+    short = _short_record(file) if zipped else None
+    if short is not None:
+        raise CheckpointError(
+            f"cannot read {file} as a torch.save checkpoint ({short}); the file is damaged: "
+            "re-save it or remove it"
+        )
 
     def load() -> Any:
         return torch.load(file, map_location="cpu", weights_only=True, mmap=zipped)
@@ -997,6 +1004,93 @@ def _read_pickle(file: Path) -> Any:
         finally:
             for warning in caught:
                 logger.debug("%s: %s", file, warning.message)
+
+
+# Bytes per element of the storage types torch.save names (``torch.FloatStorage``, …).
+_STORAGE_BYTES = {
+    "UntypedStorage": 1, "ByteStorage": 1, "CharStorage": 1, "BoolStorage": 1,
+    "ShortStorage": 2, "HalfStorage": 2, "BFloat16Storage": 2, "IntStorage": 4,
+    "FloatStorage": 4, "LongStorage": 8, "DoubleStorage": 8, "ComplexFloatStorage": 8,
+    "ComplexDoubleStorage": 16,
+}  # fmt: skip
+
+
+def _short_record(file: Path) -> str | None:
+    """Why a zip ``torch.save`` file's storage records cannot hold its tensors, if they cannot.
+
+    Memory-mapped loading takes each storage's size from the pickle and does not check it
+    against its record in the archive, so a record cut short would be read past its end. The
+    pickle is read here for its storage records alone: every class it names becomes an inert
+    stand-in, and nothing is imported or run. None when the records are long enough, or when
+    the archive is too damaged to tell (loading it then says why).
+    """
+    try:
+        with zipfile.ZipFile(file) as archive:
+            entries = archive.infolist()
+            pickled = next(e for e in entries if e.filename.rsplit("/", 1)[-1] == "data.pkl")
+            folder = pickled.filename.removesuffix("data.pkl") + "data/"
+            sizes = {
+                entry.filename.removeprefix(folder): entry.file_size
+                for entry in entries
+                if entry.filename.startswith(folder)
+            }
+            storages = _StorageLister(archive.open(pickled)).storages()
+    except Exception:  # whatever the damage, torch.load diagnoses it
+        return None
+    for key, needed in storages.items():
+        held = sizes.get(key)
+        if held is None:
+            return f"its pickle names the storage data/{key}, which the archive lacks"
+        if held < needed:
+            return f"the storage data/{key} holds {held} bytes, its tensors need {needed}"
+    return None
+
+
+class _Inert:
+    """Whatever a pickle builds while its storage records are listed: it keeps nothing."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _Inert:
+        return super().__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, value: Any) -> None:
+        pass
+
+    def extend(self, values: Any) -> None:
+        pass
+
+
+class _StorageLister(pickle.Unpickler):
+    """Reads a ``torch.save`` pickle for the storages it names: key to bytes needed."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self.named: dict[str, int] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        per = _STORAGE_BYTES.get(name) if module.split(".")[0] == "torch" else None
+        return type(name, (_Inert,), {"bytes_per_element": per})
+
+    def persistent_load(self, pid: Any) -> Any:
+        # ("storage", storage type, key, location, number of elements)
+        if isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage":
+            per = getattr(pid[1], "bytes_per_element", None)
+            if per is not None and type(pid[4]) is int:
+                key = str(pid[2])
+                self.named[key] = max(self.named.get(key, 0), per * pid[4])
+        return _Inert()
+
+    def storages(self) -> dict[str, int]:
+        self.load()
+        return self.named
 
 
 def _unknown_globals(file: Path, error: Exception, zipped: bool) -> list[str]:

@@ -1028,6 +1028,35 @@ def test_a_shard_index_without_a_weight_map_says_what_is_missing(
     _assert_same(list(load_tensors(checkpoint)), _weights())
 
 
+@pytest.mark.parametrize(
+    ("cut", "why"),
+    [
+        (4, r"the storage data/0 holds 44 bytes, its tensors need 48"),
+        (None, r"its pickle names the storage data/0, which the archive lacks"),
+    ],
+    ids=["short", "missing"],
+)
+def test_a_zip_whose_storage_record_is_cut_short_fails_rather_than_reading_past_it(
+    tmp_path: Path, cut: int | None, why: str
+) -> None:
+    import zipfile
+
+    saved = tmp_path / "saved.pt"
+    torch.save({"a.weight": torch.randn(3, 4), "b.weight": torch.randn(2, 2)}, saved)
+    path = tmp_path / "step_1.pt"
+    with zipfile.ZipFile(saved) as source, zipfile.ZipFile(path, "w") as rewritten:
+        for entry in source.infolist():
+            data = source.read(entry)
+            if entry.filename.endswith("/data/0"):
+                if cut is None:
+                    continue
+                data = data[:-cut]
+            rewritten.writestr(entry.filename, data)
+
+    with pytest.raises(CheckpointError, match=f"cannot read {path} as a torch.save .*{why}"):
+        list(load_tensors(path))
+
+
 def test_a_checkpoint_folder_without_weights_fails_alone(tmp_path: Path) -> None:
     _touch_weights(tmp_path / "run" / "checkpoint-5" / "model.safetensors")
     (tmp_path / "run" / "checkpoint-9").mkdir()
