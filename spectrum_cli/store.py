@@ -48,11 +48,11 @@ import hashlib
 import logging
 import os
 import re
-from collections.abc import Awaitable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 
@@ -60,6 +60,7 @@ from spectrum_cli import __version__
 from spectrum_cli.errors import StoreError
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 FORMAT = 1
 NOT_COMPUTED, DONE, FAILED = 0, 1, 2
@@ -83,6 +84,27 @@ _RESERVED = ("", ".", "..", "zarr.json")
 _LONGEST_SEGMENT = 200
 # What reading a damaged metadata document or chunk raises inside Zarr.
 _DAMAGED = (ValueError, TypeError, KeyError, AttributeError, OSError, RuntimeError)
+
+
+def _is_step(key: object) -> bool:
+    """Whether a key of a run's ``checkpoints`` names a step, as ``"-3"`` or ``"1200"``."""
+    return isinstance(key, str) and key.lstrip("-").isdigit()
+
+
+def _writes(method: Callable[..., _T]) -> Callable[..., _T]:
+    """Turn what Zarr raises while writing a run of a damaged store into a StoreError."""
+
+    @functools.wraps(method)
+    def writing(self: Store, run: str, *args: Any, **kwargs: Any) -> _T:
+        try:
+            return method(self, run, *args, **kwargs)
+        except _DAMAGED as error:
+            raise StoreError(
+                f"cannot write run {run!r} of {self.path}: {_brief(error)}; the store is "
+                "damaged: re-run `spectrum analyze` into a new --store"
+            ) from error
+
+    return writing
 
 
 @dataclass(frozen=True)
@@ -243,7 +265,24 @@ class Store:
         return self._node(run_path(run))
 
     def _run_attrs(self, run: str) -> dict[str, Any]:
-        return dict(self._run_group(run).attrs)
+        """The run's attributes, checked to be of the shapes this module writes."""
+        attrs = dict(self._run_group(run).attrs)
+        steps, layers = attrs.get("steps", []), attrs.get("layers", [])
+        checkpoints = attrs.get("checkpoints", {})
+        if not (
+            isinstance(steps, list)
+            and all(type(step) is int for step in steps)
+            and isinstance(layers, list)
+            and all(isinstance(layer, str) for layer in layers)
+            and isinstance(checkpoints, dict)
+            and all(_is_step(step) and isinstance(info, dict) for step, info in checkpoints.items())
+        ):
+            raise StoreError(
+                f"cannot read {self.path / run_path(run) / 'zarr.json'}: the steps, layers or "
+                f"checkpoints of run {run!r} are not lists and a mapping by step; the store is "
+                "damaged: re-run `spectrum analyze` into a new --store"
+            )
+        return attrs
 
     def layers(self, run: str) -> list[str]:
         """The run's layers in the checkpoint's own tensor order."""
@@ -408,6 +447,7 @@ class Store:
 
     # ------------------------------------------------------------------ writing
 
+    @_writes
     def add_steps(self, run: str, steps: list[int]) -> None:
         """Allocate rows for new steps of a run (creating the run if it is new)."""
         self._require_writable()
@@ -433,6 +473,7 @@ class Store:
             for layer in self.layers(run)
         )
 
+    @_writes
     def write_checkpoint(
         self, run: str, step: int, results: list[LayerResult], source: dict[str, Any]
     ) -> dict[str, str]:
@@ -619,7 +660,16 @@ def _concurrently(operations: Iterable[Awaitable[Any]]) -> list[Any]:
     """
     from zarr.core.sync import sync
 
-    operations = list(operations)  # made here: what makes them may itself wait on the loop
+    made: list[Awaitable[Any]] = []
+    try:
+        made.extend(operations)  # made here: what makes them may itself wait on the loop
+    except BaseException:
+        for operation in made:  # never to be awaited: closed, so that Python does not warn
+            close = getattr(operation, "close", None)
+            if callable(close):
+                close()
+        raise
+    operations = made
 
     async def together() -> list[Any]:
         return list(await asyncio.gather(*operations))

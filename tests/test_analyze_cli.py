@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -247,6 +248,58 @@ def test_ls_of_a_missing_store_is_one_line(spectrum, tmp_path):
     assert code == 2 and out == ""
     (line,) = err.splitlines()
     assert line.startswith("error: ") and "does not exist; run `spectrum analyze" in line
+
+
+def _drop_u(layer: Path) -> None:
+    shutil.rmtree(layer / "u")
+
+
+def _blank_sigma_document(layer: Path) -> None:
+    (layer / "sigma" / "zarr.json").write_text("{}")
+
+
+def _garble_status(layer: Path) -> None:
+    (layer / "status" / "c" / "0").write_bytes(b"xx")
+
+
+def _checkpoints_as_text(layer: Path) -> None:
+    document = layer.parent / "zarr.json"
+    meta = json.loads(document.read_text())
+    meta["attributes"]["checkpoints"] = "0"
+    document.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize(
+    "damage", [_drop_u, _blank_sigma_document, _garble_status, _checkpoints_as_text]
+)
+def test_a_damaged_store_stops_analyze_and_ls_in_one_line(make_run, tmp_path, damage):
+    root = make_run("run", [0])
+    store = tmp_path / "s.zarr"
+    assert run_cli("analyze", root, "--store", store).returncode == 0
+    make_run("run", [1])
+    damage(store / "run" / "fc.weight")
+    before = _stored(store)
+
+    # ls reads the steps and status alone: the damage it sees stops it too.
+    sees = damage in (_garble_status, _checkpoints_as_text)
+    for args in (("analyze", root, "--store", store), ("ls", store))[: 2 if sees else 1]:
+        done = run_cli(*args)
+        assert (done.returncode, done.stdout) == (2, ""), done.stderr
+        (line,) = done.stderr.splitlines()
+        assert line.startswith("error: cannot ") and "the store is damaged" in line
+    assert _stored(store) == before
+
+
+def _stored(store: Path) -> tuple[object, list[list[float]]]:
+    """What the run says is done, and the stored singular values of its undamaged layers."""
+    import zarr
+
+    run = json.loads((store / "run" / "zarr.json").read_text())["attributes"]
+    sigma = [
+        zarr.open_array(store / "run" / layer / "sigma", mode="r")[0].tolist()
+        for layer in ("conv.weight", "head.weight")
+    ]
+    return run["checkpoints"], sigma
 
 
 def test_piped_subprocess_shows_no_progress(make_run, tmp_path):
