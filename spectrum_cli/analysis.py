@@ -35,6 +35,8 @@ class CheckpointOutcome:
 
     results: list[LayerResult] = field(default_factory=list)
     error: str | None = None
+    # What the reader left out of the checkpoint, each as "PATH: what and why".
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -91,8 +93,9 @@ def _decompose_checkpoint(
     order: list[str] = []
     failed: dict[str, LayerResult] = {}
     finite: list[tuple[Any, Any]] = []
+    notes: list[str] = []
     try:
-        for name, tensor in load_tensors(path, numpy=True):
+        for name, tensor in load_tensors(path, numpy=True, notes=notes):
             info = matrix_info(name, tensor)
             if info is None:
                 continue
@@ -105,7 +108,7 @@ def _decompose_checkpoint(
                 continue
             finite.append((info, matrix))
     except SpectrumError as error:
-        return CheckpointOutcome(error=str(error))
+        return CheckpointOutcome(error=str(error), notes=notes)
 
     spectra = decompose_batch(
         [matrix for _, matrix in finite], top_k, target, side_by_side=side_by_side, checked=True
@@ -113,7 +116,7 @@ def _decompose_checkpoint(
     done = dict(failed)
     for (info, _), spectrum in zip(finite, spectra, strict=True):
         done[info.layer] = _result(info, sigma=spectrum.sigma, u=spectrum.u, v=spectrum.v)
-    return CheckpointOutcome(results=[done[name] for name in order])
+    return CheckpointOutcome(results=[done[name] for name in order], notes=notes)
 
 
 def _result(info: Any, **fields: Any) -> LayerResult:
@@ -201,11 +204,18 @@ def analyze(
         if on_found:
             on_found(len(todo))
 
+        left_out: dict[str, list[Path]] = defaultdict(list)
         with closing(_run_tasks(todo, top_k, device, workers, client)) as tasks:
             for checkpoint, outcome in tasks:
                 _record(store, summary, checkpoint, outcome, root)
+                for told in outcome.notes:
+                    left_out[told.removeprefix(f"{checkpoint.path}: ")].append(checkpoint.path)
                 if on_done:
                     on_done(checkpoint)
+        # One note for what the reader left out of many checkpoints alike.
+        for what, paths in left_out.items():
+            more = f" and {len(paths) - 1} more checkpoints" if len(paths) > 1 else ""
+            summary.notes.append(f"{min(paths)}{more}: {what}")
 
         # Say where one folder holds checkpoints of models that share no layer.
         for run in sorted({c.run for c in todo}):

@@ -189,7 +189,7 @@ def test_a_run_of_safetensors_files_on_the_cpu_never_imports_torch(make_run, tmp
     from spectrum_cli import checkpoints
 
     load = checkpoints.load_tensors
-    monkeypatch.setattr(checkpoints, "load_tensors", lambda path, numpy: load(path))
+    monkeypatch.setattr(checkpoints, "load_tensors", lambda path, **_: load(path))
     analyze(root, tmp_path / "torch.zarr", device="cpu")
     assert_same_store(store, tmp_path / "torch.zarr")
 
@@ -370,6 +370,21 @@ def test_runs_are_named_by_their_path(make_run, tmp_path):
     assert store.checkpoints("sweep/lr1")[0]["path"] == "runs/sweep/lr1/step_0.pt"
     for run, step in (("a", 1), ("sweep/lr1", 0), ("sweep/lr2", 3)):
         assert_exact(store, run, "fc.weight", tiny_weights(run, step)["fc.weight"], step)
+
+
+def test_what_the_reader_leaves_out_is_one_note_for_all_checkpoints_alike(tmp_path):
+    root = tmp_path / "runs"
+    for step in (0, 1, 2):
+        (root / "run").mkdir(parents=True, exist_ok=True)
+        model, ema = tiny_weights("run", step), tiny_weights("ema", step)
+        torch.save({"model": model, "ema": ema}, root / "run" / f"step_{step}.pt")
+
+    summary = analyze(root, tmp_path / "s.zarr")
+
+    assert summary.ok and summary.analysed == 3
+    (note,) = [note for note in summary.notes if "left out" in note]
+    assert note.startswith(f"{root / 'run' / 'step_0.pt'} and 2 more checkpoints: ")
+    assert "read the weights under 'model'; left out the weights under 'ema'" in note
 
 
 def test_a_run_folder_of_the_same_name_from_elsewhere_is_refused(make_run, tmp_path):
