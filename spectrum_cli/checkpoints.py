@@ -234,7 +234,12 @@ def discover(root: Path) -> Discovery:
     if weights is None:
         _scan(root, root, found, notes, visited={os.path.realpath(root)})
     elif root.is_dir() or _is_model_file(root, root.parent, notes):
-        run = root.stem if root.is_file() else root.name
+        # One step of a run (step_300.pt, checkpoint-500/) belongs to the run of its folder,
+        # named as `analyze FOLDER` names it; a model without a step is a run of its own.
+        if step_from_name(root.name) is not None and root.parent.name:
+            run = root.parent.name
+        else:
+            run = root.stem if root.is_file() else root.name
         checkpoint = _checkpoint(run, weights, notes, named=root, default_step=0)
         found += [checkpoint] if checkpoint else []
     if not found:

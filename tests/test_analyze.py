@@ -387,6 +387,17 @@ def test_what_the_reader_leaves_out_is_one_note_for_all_checkpoints_alike(tmp_pa
     assert "read the weights under 'model'; left out the weights under 'ema'" in note
 
 
+def test_one_step_analysed_alone_is_the_same_step_of_its_folder_s_run(make_run, tmp_path):
+    root = make_run("run", [0, 10])
+    first = analyze(root / "run" / "step_10.safetensors", tmp_path / "s.zarr")
+    assert first.analysed == 1
+
+    summary = analyze(root / "run", tmp_path / "s.zarr")
+
+    assert (summary.already_stored, summary.analysed) == (1, 1)
+    assert Store.open(tmp_path / "s.zarr").runs() == ["run"]
+
+
 def test_a_run_folder_of_the_same_name_from_elsewhere_is_refused(make_run, tmp_path):
     # Two runs analysed one folder at a time are both named "run".
     first = make_run("run", [1, 2], root=tmp_path / "seed1") / "run"

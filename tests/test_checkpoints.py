@@ -332,8 +332,9 @@ def test_single_file_root_is_one_checkpoint(tmp_path: Path) -> None:
     (unnumbered,) = discover(tmp_path / "final.safetensors").checkpoints
     (numbered,) = discover(tmp_path / "step_7.pt").checkpoints
 
+    # A model without a step is a run of its own; one step belongs to its folder's run.
     assert unnumbered == Checkpoint("final", 0, tmp_path / "final.safetensors")
-    assert numbered == Checkpoint("step_7", 7, tmp_path / "step_7.pt")
+    assert numbered == Checkpoint(tmp_path.name, 7, tmp_path / "step_7.pt")
 
 
 def test_checkpoint_directory_root_is_one_checkpoint(tmp_path: Path) -> None:
@@ -341,7 +342,7 @@ def test_checkpoint_directory_root_is_one_checkpoint(tmp_path: Path) -> None:
 
     (checkpoint,) = discover(tmp_path / "run" / "checkpoint-500").checkpoints
 
-    assert checkpoint == Checkpoint("checkpoint-500", 500, tmp_path / "run" / "checkpoint-500")
+    assert checkpoint == Checkpoint("run", 500, tmp_path / "run" / "checkpoint-500")
 
 
 @pytest.mark.parametrize(
