@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import sys
+import warnings
 from typing import NoReturn
 
 import typer
@@ -95,7 +96,10 @@ def main() -> None:
     # Typer raises its own copy of click's exceptions; older versions raise click's.
     usage_errors = (click.ClickException, getattr(typer, "TyperException", click.ClickException))
     try:
-        code = app(args=_global_flags_first(sys.argv[1:]), standalone_mode=False)
+        with warnings.catch_warnings():
+            # Writes that Ctrl-C cut short are dropped unawaited; what was stored stays stored.
+            warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
+            code = app(args=_global_flags_first(sys.argv[1:]), standalone_mode=False)
     except SpectrumError as error:
         if _state["verbose"]:
             error_console.print_exception()
