@@ -406,32 +406,34 @@ def _check_device(device: str) -> None:
 
 
 def _check_same_run(store: Store, run: str, checkpoints: list[Checkpoint]) -> None:
-    """Refuse checkpoints that would join a stored run of the same name from other files.
+    """Refuse checkpoints that would join a stored run of the same name from another folder.
 
     Two runs whose folders share a name (``seed1/run`` and ``seed2/run`` analysed one at a
-    time) would otherwise mix in one run. A stored step whose file is still there but is not
-    the file found now for that step tells them apart; a store moved or copied to another
-    machine with its runs names files that are no longer there, and passes.
+    time) would otherwise mix in one run. A stored checkpoint whose file is still there but
+    outside the folder of the run found now tells them apart; a store moved or copied to
+    another machine with its runs names files that are no longer there, and passes.
 
     Raises
     ------
     UsageError
-        Naming both files, before anything is written.
+        Naming a stored file and the folder found now, before anything is written.
     """
-    if run not in store.runs():
+    folders = {c.folder for c in checkpoints if c.folder is not None}
+    if run not in store.runs() or len(folders) != 1:
         return
-    stored = store.checkpoints(run)
-    for checkpoint in checkpoints:
-        earlier = stored.get(checkpoint.step, {}).get("absolute_path")
-        if earlier is None or not os.path.exists(earlier):
+    folder = os.path.realpath(folders.pop())
+    for step, source in sorted(store.checkpoints(run).items()):
+        earlier = source.get("absolute_path")
+        if not earlier or not os.path.exists(earlier):
             continue
-        if not os.path.samefile(earlier, checkpoint.path):
-            raise UsageError(
-                f"run {run!r} in {store.path} holds step {checkpoint.step} from {earlier}, "
-                f"not from {checkpoint.path}: two runs of one name would mix; analyse this one "
-                "into another --store, or give the folder above both runs so that each is "
-                "named by its path"
-            )
+        if Path(os.path.realpath(earlier)).is_relative_to(folder):
+            continue
+        raise UsageError(
+            f"run {run!r} in {store.path} holds step {step} from {earlier}, outside {folder} "
+            "where this run's checkpoints are: two runs of one name would mix; analyse this "
+            "one into another --store, or give the folder above both runs so that each is "
+            "named by its path"
+        )
 
 
 def _all_stored(store_path: Path, checkpoints: list[Checkpoint]) -> bool:

@@ -40,7 +40,7 @@ import warnings
 import zipfile
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -116,11 +116,16 @@ _LOAD_LOCK = threading.Lock()
 
 @dataclass(frozen=True, order=True)
 class Checkpoint:
-    """One saved model of one run: its run name, training step and weights path."""
+    """One saved model of one run: its run name, training step and weights path.
+
+    ``folder`` is the run's folder, which holds every checkpoint of the run (for a model that
+    is a run of its own, the model itself); it does not take part in comparisons.
+    """
 
     run: str
     step: int
     path: Path
+    folder: Path | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -236,12 +241,11 @@ def discover(root: Path) -> Discovery:
     elif root.is_dir() or _is_model_file(root, root.parent, notes):
         # One step of a run (step_300.pt, checkpoint-500/) belongs to the run of its folder,
         # named as `analyze FOLDER` names it; a model without a step is a run of its own.
-        if step_from_name(root.name) is not None and root.parent.name:
-            run = root.parent.name
-        else:
-            run = root.stem if root.is_file() else root.name
+        alone = not (step_from_name(root.name) is not None and root.parent.name)
+        run = (root.stem if root.is_file() else root.name) if alone else root.parent.name
         checkpoint = _checkpoint(run, weights, notes, named=root, default_step=0)
-        found += [checkpoint] if checkpoint else []
+        if checkpoint is not None:
+            found.append(replace(checkpoint, folder=root) if alone else checkpoint)
     if not found:
         skipped = "; ".join(notes[:3])
         raise UsageError(
@@ -404,7 +408,7 @@ def _checkpoint(
             f"({_MAX_STEP}); rename it with its step, e.g. step_100{suffix}"
         )
         return None
-    return Checkpoint(run=run, step=step, path=weights)
+    return Checkpoint(run=run, step=step, path=weights, folder=named.parent)
 
 
 def _step_from_metadata(named: Path, weights: Path) -> int | None:

@@ -398,19 +398,24 @@ def test_one_step_analysed_alone_is_the_same_step_of_its_folder_s_run(make_run, 
     assert Store.open(tmp_path / "s.zarr").runs() == ["run"]
 
 
-def test_a_run_folder_of_the_same_name_from_elsewhere_is_refused(make_run, tmp_path):
-    # Two runs analysed one folder at a time are both named "run".
+@pytest.mark.parametrize(
+    ("second_steps", "given"), [([1, 2, 3], "folder"), ([5, 6], "folder"), ([5], "file")]
+)
+def test_a_run_folder_of_the_same_name_from_elsewhere_is_refused(
+    make_run, tmp_path, second_steps, given
+):
+    # Two runs analysed one folder (or file) at a time are both named "run".
     first = make_run("run", [1, 2], root=tmp_path / "seed1") / "run"
-    second = make_run("run", [1, 2, 3], root=tmp_path / "seed2") / "run"
+    second = make_run("run", second_steps, root=tmp_path / "seed2") / "run"
     store = tmp_path / "s.zarr"
     assert analyze(first, store).analysed == 2
 
     with pytest.raises(UsageError) as refused:
-        analyze(second, store)
+        analyze(second if given == "folder" else second / "step_5.safetensors", store)
 
     message = str(refused.value)
     assert str(first / "step_1.safetensors") in message
-    assert str(second / "step_1.safetensors") in message and "--store" in message
+    assert f"outside {second} " in message and "--store" in message
     opened = Store.open(store)
     assert opened.done_steps("run") == [1, 2]
     assert list(opened.status("run", "fc.weight")[0]) == [1, 2]  # no row for step 3
