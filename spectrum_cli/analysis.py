@@ -198,6 +198,10 @@ def analyze(
         todo: list[Checkpoint] = []
         for run, in_run in by_run.items():
             store.add_steps(run, [c.step for c in in_run])
+            changed = _changed_since_stored(store.checkpoints(run), in_run)
+            for checkpoint, why in changed.items():
+                summary.notes.append(f"{checkpoint.path}: {why}; analysed again")
+            store.forget(run, [c.step for c in changed])
             stored = set(store.done_steps(run))
             todo += [c for c in in_run if c.step not in stored]
         summary.already_stored = summary.checkpoints - len(todo)
@@ -245,6 +249,7 @@ def _record(
         "path": _relative(checkpoint.path, root),
         "absolute_path": str(checkpoint.path.absolute()),
         "bytes": _size(checkpoint),
+        "modified": _modified(checkpoint),
     }
     failures = store.write_checkpoint(checkpoint.run, checkpoint.step, outcome.results, source)
     summary.analysed += 1
@@ -410,8 +415,9 @@ def _check_same_run(store: Store, run: str, checkpoints: list[Checkpoint]) -> No
 
     Two runs whose folders share a name (``seed1/run`` and ``seed2/run`` analysed one at a
     time) would otherwise mix in one run. A stored checkpoint whose file is still there but
-    outside the folder of the run found now tells them apart; a store moved or copied to
-    another machine with its runs names files that are no longer there, and passes.
+    outside the folder of the run found now tells them apart. A store moved to another
+    machine with its runs names files that are no longer there, and passes; so does a store
+    copied with its runs, where the run lies at the same path from the store's folder.
 
     Raises
     ------
@@ -421,13 +427,19 @@ def _check_same_run(store: Store, run: str, checkpoints: list[Checkpoint]) -> No
     folders = {c.folder for c in checkpoints if c.folder is not None}
     if run not in store.runs() or len(folders) != 1:
         return
-    folder = os.path.realpath(folders.pop())
+    folder = Path(os.path.realpath(folders.pop()))
+    # Where the run lies from the store's folder; a copy of both keeps it.
+    home = Path(os.path.realpath(store.path)).parent
+    tail = folder.relative_to(home).parts if folder.is_relative_to(home) else None
     for step, source in sorted(store.checkpoints(run).items()):
         earlier = source.get("absolute_path")
         if not earlier or not os.path.exists(earlier):
             continue
-        if Path(os.path.realpath(earlier)).is_relative_to(folder):
+        earlier_path = Path(os.path.realpath(earlier))
+        if earlier_path.is_relative_to(folder):
             continue
+        if tail and any(above.parts[-len(tail) :] == tail for above in earlier_path.parents):
+            continue  # the store and its runs were copied together
         raise UsageError(
             f"run {run!r} in {store.path} holds step {step} from {earlier}, outside {folder} "
             "where this run's checkpoints are: two runs of one name would mix; analyse this "
@@ -469,6 +481,40 @@ def _relative(path: Path, root: Path) -> str:
         return path.relative_to(root.parent).as_posix()
     except ValueError:
         return str(path)
+
+
+def _changed_since_stored(
+    stored: Mapping[int, Mapping[str, Any]], checkpoints: list[Checkpoint]
+) -> dict[Checkpoint, str]:
+    """The checkpoints of stored steps whose files changed since, with how.
+
+    A file of another size has changed wherever it now lies; the time it was last modified
+    counts only where it is the very file stored, so that copying a store and its runs to
+    another machine does not make every step new.
+    """
+    changed = {}
+    for checkpoint in checkpoints:
+        source = stored.get(checkpoint.step)
+        if source is None:
+            continue
+        size = _size(checkpoint)
+        if "bytes" in source and source["bytes"] != size:
+            changed[checkpoint] = f"{source['bytes']} bytes when stored, {size} now"
+        elif (
+            "modified" in source
+            and source.get("absolute_path") == str(checkpoint.path.absolute())
+            and source["modified"] != _modified(checkpoint)
+        ):
+            changed[checkpoint] = "modified since it was stored"
+    return changed
+
+
+def _modified(checkpoint: Checkpoint) -> float:
+    """When the checkpoint was last written: its file's, or its folder's newest file's, time."""
+    path = checkpoint.path
+    if path.is_dir():
+        return max((p.stat().st_mtime for p in path.rglob("*") if p.is_file()), default=0.0)
+    return path.stat().st_mtime
 
 
 def _size(checkpoint: Checkpoint) -> int:

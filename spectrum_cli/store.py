@@ -448,6 +448,28 @@ class Store:
     # ------------------------------------------------------------------ writing
 
     @_writes
+    def forget(self, run: str, steps: list[int]) -> None:
+        """Mark done steps not computed again, so that they are decomposed anew.
+
+        The steps leave the run's ``checkpoints`` first: from then on no reader sees their
+        rows, and a run killed part-way leaves them to be computed by the next ``analyze``.
+        """
+        self._require_writable()
+        group = self._node(run_path(run))
+        gone = {str(step) for step in steps}
+        checkpoints = dict(group.attrs.get("checkpoints", {}))
+        if not gone & set(checkpoints):
+            return
+        group.attrs["checkpoints"] = {s: v for s, v in checkpoints.items() if s not in gone}
+        order = list(group.attrs["steps"])
+        rows = [order.index(step) for step in steps if step in order]
+        _concurrently(
+            self._open_layer(run, layer).arrays["status"].async_array.setitem(row, NOT_COMPUTED)
+            for layer in self.layers(run)
+            for row in rows
+        )
+
+    @_writes
     def add_steps(self, run: str, steps: list[int]) -> None:
         """Allocate rows for new steps of a run (creating the run if it is new)."""
         self._require_writable()

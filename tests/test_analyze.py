@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -370,6 +372,40 @@ def test_runs_are_named_by_their_path(make_run, tmp_path):
     assert store.checkpoints("sweep/lr1")[0]["path"] == "runs/sweep/lr1/step_0.pt"
     for run, step in (("a", 1), ("sweep/lr1", 0), ("sweep/lr2", 3)):
         assert_exact(store, run, "fc.weight", tiny_weights(run, step)["fc.weight"], step)
+
+
+@pytest.mark.parametrize("change", ["size", "time"])
+def test_a_checkpoint_rewritten_since_it_was_stored_is_analysed_again(make_run, tmp_path, change):
+    root = make_run("run", [0, 10])
+    store = tmp_path / "s.zarr"
+    analyze(root, store)
+    path = root / "run" / "step_10.safetensors"
+    if change == "size":  # training saved another model over it
+        save_checkpoint(path, tiny_weights("other", 10) | {"extra.weight": torch.ones(3, 2)})
+    else:  # the same model, retrained: same size, written later
+        save_checkpoint(path, tiny_weights("other", 10))
+        os.utime(path, (path.stat().st_atime, path.stat().st_mtime + 10))
+
+    summary = analyze(root, store)
+
+    assert (summary.already_stored, summary.analysed) == (1, 1)
+    (note,) = [note for note in summary.notes if "analysed again" in note]
+    assert note.startswith(f"{path}: ")
+    opened = Store.open(store)
+    assert opened.done_steps("run") == [0, 10]
+    assert_exact(opened, "run", "fc.weight", tiny_weights("other", 10)["fc.weight"], 10)
+    assert_exact(opened, "run", "fc.weight", tiny_weights("run", 0)["fc.weight"], 0)
+
+
+def test_a_store_copied_with_its_runs_is_not_analysed_again(make_run, tmp_path):
+    make_run("run", [0, 10], root=tmp_path / "here" / "runs")
+    analyze(tmp_path / "here" / "runs", tmp_path / "here" / "s.zarr")
+    # Copied file by file: every file is newer than the one stored.
+    shutil.copytree(tmp_path / "here", tmp_path / "there", copy_function=shutil.copy)
+
+    summary = analyze(tmp_path / "there" / "runs", tmp_path / "there" / "s.zarr")
+
+    assert (summary.already_stored, summary.analysed) == (2, 0)
 
 
 def test_what_the_reader_leaves_out_is_one_note_for_all_checkpoints_alike(tmp_path):
