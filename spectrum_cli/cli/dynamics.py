@@ -33,7 +33,8 @@ _LAYERS = typer.Option(
     "--layers",
     "-l",
     metavar="REGEX",
-    help="Only layers whose name matches this regular expression.",
+    help="Only layers in whose name this regular expression is found (re.search: '^0\\.' "
+    "for names that start with '0.'). align and report keep a pair when either layer is chosen.",
 )
 _FORMAT = typer.Option(
     Format.table, "--format", help="table (a summary), or every row as csv or json."
