@@ -157,6 +157,9 @@ class Store:
         # A writer's open groups and layers by path.
         self._groups: dict[str, Any] = {}
         self._open: dict[str, _OpenLayer] = {}
+        # A reader's attributes of each run, read once: every layer it reads then agrees on
+        # which steps are done, while a writer goes on adding them.
+        self._run_snapshots: dict[str, dict[str, Any]] = {}
 
     # ------------------------------------------------------------------ opening
 
@@ -265,7 +268,12 @@ class Store:
         return self._node(run_path(run))
 
     def _run_attrs(self, run: str) -> dict[str, Any]:
-        """The run's attributes, checked to be of the shapes this module writes."""
+        """The run's attributes, checked to be of the shapes this module writes.
+
+        A reader takes them once; a writer, whose own changes they follow, every time.
+        """
+        if run in self._run_snapshots:
+            return self._run_snapshots[run]
         attrs = dict(self._run_group(run).attrs)
         steps, layers = attrs.get("steps", []), attrs.get("layers", [])
         checkpoints = attrs.get("checkpoints", {})
@@ -282,6 +290,8 @@ class Store:
                 f"checkpoints of run {run!r} are not lists and a mapping by step; the store is "
                 "damaged: re-run `spectrum analyze` into a new --store"
             )
+        if not self._writable:
+            self._run_snapshots[run] = attrs
         return attrs
 
     def layers(self, run: str) -> list[str]:

@@ -117,6 +117,39 @@ def test_statuses_of_a_run_equal_each_layers_status(tmp_path):
         Store.open(path).statuses("r")
 
 
+def test_a_reader_sees_one_set_of_done_steps_while_a_writer_adds_more(tmp_path):
+    path = tmp_path / "s.zarr"
+    with Store.writing(path, top_k=2) as writer:
+        writer.add_steps("r", [0, 1])
+        writer.write_checkpoint("r", 0, [result("a", 4, 3, 2), result("b", 4, 3, 2)], {})
+        reader = Store.open(path)
+        assert reader.read("r", "a").steps.tolist() == [0]
+
+        writer.write_checkpoint("r", 1, [result("a", 4, 3, 2), result("b", 4, 3, 2)], {})
+
+        # Every layer the reader reads agrees with what it saw first.
+        assert reader.read("r", "b").steps.tolist() == [0]
+        assert reader.done_steps("r") == [0]
+        assert Store.open(path).read("r", "b").steps.tolist() == [0, 1]
+
+
+def test_forgotten_steps_are_not_computed_until_written_again(tmp_path):
+    path = tmp_path / "s.zarr"
+    with Store.writing(path, top_k=2) as store:
+        store.add_steps("r", [0, 1])
+        for step in (0, 1):
+            store.write_checkpoint("r", step, [result("a", 4, 3, 2, fill=step + 1.0)], {})
+        store.forget("r", [1])
+
+        assert store.done_steps("r") == [0]
+        assert store.status("r", "a")[1].tolist() == [DONE, NOT_COMPUTED]
+        assert Store.open(path).read("r", "a").steps.tolist() == [0]
+        store.write_checkpoint("r", 1, [result("a", 4, 3, 2, fill=5.0)], {})
+
+    rows = Store.open(path).read("r", "a")
+    assert rows.steps.tolist() == [0, 1] and rows.sigma[1][0] != rows.sigma[0][0]
+
+
 def test_failures_and_shape_changes_are_recorded_not_stored(tmp_path):
     path = tmp_path / "s.zarr"
     with Store.writing(path, top_k=2) as store:
