@@ -261,8 +261,6 @@ def discover(root: Path) -> Discovery:
             else f"{len(steps)} checkpoints, steps {steps[0]} to {steps[-1]}"
         )
         notes.append(f"run {run}: {held}")
-    for note in notes:
-        logger.debug(note)
     return Discovery(checkpoints=checkpoints, notes=notes)
 
 
