@@ -245,11 +245,12 @@ def _record(
     if not outcome.results:
         summary.failed_checkpoints.append(f"{where}: no weight matrices in it")
         return
+    size, modified = _size_and_time(checkpoint)
     source = {
         "path": _relative(checkpoint.path, root),
         "absolute_path": str(checkpoint.path.absolute()),
-        "bytes": _size(checkpoint),
-        "modified": _modified(checkpoint),
+        "bytes": size,
+        "modified": modified,
     }
     failures = store.write_checkpoint(checkpoint.run, checkpoint.step, outcome.results, source)
     summary.analysed += 1
@@ -433,7 +434,9 @@ def _check_same_run(store: Store, run: str, checkpoints: list[Checkpoint]) -> No
     tail = folder.relative_to(home).parts if folder.is_relative_to(home) else None
     for step, source in sorted(store.checkpoints(run).items()):
         earlier = source.get("absolute_path")
-        if not earlier or not os.path.exists(earlier):
+        if not earlier or earlier.startswith(f"{folder}{os.sep}") or earlier == str(folder):
+            continue  # inside the folder as written: no need to ask the file system
+        if not os.path.exists(earlier):
             continue
         earlier_path = Path(os.path.realpath(earlier))
         if earlier_path.is_relative_to(folder):
@@ -497,28 +500,23 @@ def _changed_since_stored(
         source = stored.get(checkpoint.step)
         if source is None:
             continue
-        size = _size(checkpoint)
+        size, modified = _size_and_time(checkpoint)
         if "bytes" in source and source["bytes"] != size:
             changed[checkpoint] = f"{source['bytes']} bytes when stored, {size} now"
         elif (
             "modified" in source
             and source.get("absolute_path") == str(checkpoint.path.absolute())
-            and source["modified"] != _modified(checkpoint)
+            and source["modified"] != modified
         ):
             changed[checkpoint] = "modified since it was stored"
     return changed
 
 
-def _modified(checkpoint: Checkpoint) -> float:
-    """When the checkpoint was last written: its file's, or its folder's newest file's, time."""
+def _size_and_time(checkpoint: Checkpoint) -> tuple[int, float]:
+    """The checkpoint's bytes and when it was last written (of a folder: its newest file)."""
     path = checkpoint.path
     if path.is_dir():
-        return max((p.stat().st_mtime for p in path.rglob("*") if p.is_file()), default=0.0)
-    return path.stat().st_mtime
-
-
-def _size(checkpoint: Checkpoint) -> int:
-    path = checkpoint.path
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size
+        stats = [p.stat() for p in path.rglob("*") if p.is_file()]
+        return sum(s.st_size for s in stats), max((s.st_mtime for s in stats), default=0.0)
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime
