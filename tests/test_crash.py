@@ -140,6 +140,16 @@ def test_a_run_killed_after_some_checkpoints_resumes(runs, reference, tmp_path):
     assert not list(store.rglob("*.partial"))
 
 
+# spectrum, with Ctrl-C handled as Python does from a terminal: a shell that started the tests
+# in the background made its children ignore SIGINT, which Python would otherwise keep.
+_AS_FROM_A_TERMINAL = """
+import runpy, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
+sys.argv[0] = "spectrum"
+runpy.run_module("spectrum_cli", run_name="__main__")
+"""
+
+
 @pytest.mark.slow
 def test_ctrl_c_says_one_line_and_the_next_run_completes(runs, reference, tmp_path):
     reference_store, _ = reference
@@ -148,7 +158,16 @@ def test_ctrl_c_says_one_line_and_the_next_run_completes(runs, reference, tmp_pa
     for _ in range(3):
         shutil.rmtree(store, ignore_errors=True)
         process = subprocess.Popen(
-            [sys.executable, "-m", "spectrum_cli", "analyze", runs, "--store", store, *ANALYZE],
+            [
+                sys.executable,
+                "-c",
+                _AS_FROM_A_TERMINAL,
+                "analyze",
+                runs,
+                "--store",
+                store,
+                *ANALYZE,
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
