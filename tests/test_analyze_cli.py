@@ -302,6 +302,32 @@ def _stored(store: Path) -> tuple[object, list[list[float]]]:
     return run["checkpoints"], sigma
 
 
+def test_a_closed_stderr_lets_a_verbose_analyze_finish(make_run, tmp_path):
+    # As `spectrum -v analyze ... 2>&1 | head -3`: Dask's threads log into a closed pipe.
+    root = make_run("a", [0, 1])
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "spectrum_cli",
+            "-v",
+            "analyze",
+            root,
+            "--store",
+            tmp_path / "s.zarr",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert process.stderr.read(10)
+        process.stderr.close()
+        assert process.wait(timeout=120) == 0
+    finally:
+        process.kill()
+    assert Store.open(tmp_path / "s.zarr").done_steps("a") == [0, 1]
+
+
 def test_piped_subprocess_shows_no_progress(make_run, tmp_path):
     root = make_run("a", [0, 1])
 

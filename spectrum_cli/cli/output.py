@@ -36,10 +36,23 @@ def _table_width() -> int | None:
 
 
 # Lines are never wrapped: one message is one line, whatever the terminal width.
+
+
+class _StderrConsole(Console):
+    """A console on stderr that falls silent when stderr is closed, and lets the work go on.
+
+    Rich's own answer to a closed pipe is to exit; on stderr that could come from a thread of
+    Dask's that logs (``spectrum -v analyze … 2>&1 | head``) and leave the command waiting.
+    """
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+
+
 console = Console(highlight=False, soft_wrap=True, width=_table_width())
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+err_console = _StderrConsole(stderr=True, highlight=False, soft_wrap=True)
 # Errors and logs: on stderr like err_console, but --quiet does not silence them.
-error_console = Console(stderr=True, highlight=False, soft_wrap=True)
+error_console = _StderrConsole(stderr=True, highlight=False, soft_wrap=True)
 
 
 class Format(str, Enum):
