@@ -199,9 +199,9 @@ def analyze(
         for run, in_run in by_run.items():
             store.add_steps(run, [c.step for c in in_run])
             changed = _changed_since_stored(store.checkpoints(run), in_run)
-            for checkpoint, why in changed.items():
-                summary.notes.append(f"{checkpoint.path}: {why}; analysed again")
-            store.forget(run, [c.step for c in changed])
+            if changed:
+                summary.notes += [f"{c.path}: {why}; analysed again" for c, why in changed.items()]
+                store.forget(run, [c.step for c in changed])
             stored = set(store.done_steps(run))
             todo += [c for c in in_run if c.step not in stored]
         summary.already_stored = summary.checkpoints - len(todo)

@@ -836,14 +836,8 @@ def _describe_safetensors_failure(file: Path, header: dict[str, Any], error: Exc
         with open(file, "rb") as handle:
             (length,) = struct.unpack("<Q", handle.read(8))
             size = os.fstat(handle.fileno()).st_size
-        expected = (
-            8
-            + length
-            + max(
-                (spec["data_offsets"][-1] for key, spec in header.items() if key != "__metadata__"),
-                default=0,
-            )
-        )
+        ends = [spec["data_offsets"][-1] for key, spec in header.items() if key != "__metadata__"]
+        expected = 8 + length + max(ends, default=0)
         found = (
             f"it is truncated or damaged: its header describes {expected} bytes, the file "
             f"holds only {size}"

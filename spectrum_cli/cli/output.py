@@ -35,9 +35,6 @@ def _table_width() -> int | None:
         return None
 
 
-# Lines are never wrapped: one message is one line, whatever the terminal width.
-
-
 class _StderrConsole(Console):
     """A console on stderr that falls silent when stderr is closed, and lets the work go on.
 
@@ -49,6 +46,7 @@ class _StderrConsole(Console):
         self.quiet = True
 
 
+# Lines are never wrapped: one message is one line, whatever the terminal width.
 console = Console(highlight=False, soft_wrap=True, width=_table_width())
 err_console = _StderrConsole(stderr=True, highlight=False, soft_wrap=True)
 # Errors and logs: on stderr like err_console, but --quiet does not silence them.
