@@ -446,8 +446,8 @@ def _check_same_run(store: Store, run: str, checkpoints: list[Checkpoint]) -> No
         raise UsageError(
             f"run {run!r} in {store.path} holds step {step} from {earlier}, outside {folder} "
             "where this run's checkpoints are: two runs of one name would mix; analyse this "
-            "one into another --store, or give the folder above both runs so that each is "
-            "named by its path"
+            "one into another --store, rename one of the two run folders, or give the folder "
+            "above both runs so that each is named by its path"
         )
 
 
